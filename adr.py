@@ -167,39 +167,39 @@ class RetNetBlock(nn.Module):
 
 
 class Diffusion:
-    """The noise schedule beta_t, with the forward process q(x_t|x_0) and the reverse step p(x_{t-1}|x_t).
+    """The noise schedule (alpha_bar_t, hence beta_t), with the forward process q(x_t|x_0) and the reverse step p(x_{t-1}|x_t).
     A respaced schedule keeps K of the T steps (`timesteps` holds their original indices, which are
     what the denoiser is told)."""
 
-    def __init__(self, betas, timesteps=None):
-        self.betas = betas.double()
-        self.timesteps = torch.arange(len(betas)) if timesteps is None else timesteps
-        self.alphas = 1 - self.betas
-        self.alpha_bar = torch.cumprod(self.alphas, 0)
+    def __init__(self, alpha_bar, timesteps=None):
+        self.alpha_bar = alpha_bar.double()  # alpha_bar_t = prod_{s<=t} alpha_s
+        self.timesteps = torch.arange(len(alpha_bar)) if timesteps is None else timesteps
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.alphas = self.alpha_bar / alpha_bar_prev
+        self.betas = 1 - self.alphas
         # posterior variance beta~_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) (DDPM eq. 7)
         self.posterior_var = self.betas * (1 - alpha_bar_prev) / (1 - self.alpha_bar)
 
     @classmethod
     def make(cls, steps=1000, schedule="cosine"):
         if schedule == "linear":  # DDPM: beta from 1e-4 to 0.02 (scaled for T != 1000)
-            return cls(torch.linspace(1e-4 * 1000 / steps, 0.02 * 1000 / steps, steps, dtype=torch.float64))
+            betas = torch.linspace(1e-4 * 1000 / steps, 0.02 * 1000 / steps, steps, dtype=torch.float64)
+            return cls(torch.cumprod(1 - betas, 0))
         if schedule == "cosine":  # improved DDPM: alpha_bar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2)
             f = torch.cos((torch.arange(steps + 1, dtype=torch.float64) / steps + 0.008) / 1.008 * math.pi / 2) ** 2
-            return cls((1 - f[1:] / f[:-1]).clamp(max=0.999))
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+            return cls(torch.cumprod(1 - betas, 0))
         raise ValueError(f"unknown schedule {schedule!r}: use cosine or linear")
 
     def __len__(self):
         return len(self.betas)
 
     def respaced(self, k):
-        """K evenly spaced steps; beta_i = 1 - alpha_bar[kept_i] / alpha_bar[kept_{i-1}] keeps alpha_bar exact."""
+        """K evenly spaced steps with the same alpha_bar there, so beta_i = 1 - alpha_bar[kept_i] / alpha_bar[kept_{i-1}]."""
         if not 1 <= k <= len(self):
             raise ValueError(f"sampling steps must be between 1 and {len(self)}, got {k}")
         kept = torch.linspace(0, len(self) - 1, k, dtype=torch.float64).round().long().unique()
-        alpha_bar = self.alpha_bar[kept]
-        prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        return Diffusion(1 - alpha_bar / prev, self.timesteps[kept])
+        return Diffusion(self.alpha_bar[kept], self.timesteps[kept])
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4). t: integer tensor like x0[..., 0]."""
@@ -390,7 +390,7 @@ def log_prob_interval(lo, hi, mean, std):
 def token_nll(x0, lo, hi, eps_fn, diffusion, t_draws=1):
     """Negative log-likelihood bound (nats) of each token x0 (..., D) quantised to the bin [lo, hi]:
     L_T + sum_{t>1} L_{t-1} + L_0 (DDPM eq. 5), the middle sum estimated without bias by drawing t
-    uniformly. eps_fn(x_t, t) is the denoiser for these tokens. Returns a tensor of shape x0[..., 0]."""
+    uniformly. eps_fn(x_t, t) is the denoiser for these tokens (x_t in float64). Returns a tensor of shape x0[..., 0]."""
     T, x0 = len(diffusion), x0.double()
     alpha_bar_T = diffusion.alpha_bar[-1].item()
     # L_T = KL(q(x_T|x_0) || N(0, I))
@@ -401,13 +401,13 @@ def token_nll(x0, lo, hi, eps_fn, diffusion, t_draws=1):
     for _ in range(t_draws):
         t = torch.randint(1, T, x0.shape[:-1])
         noise = torch.randn_like(x0)
-        eps = eps_fn(diffusion.q_sample(x0, t, noise).to(torch.get_default_dtype()), t).double()
+        eps = eps_fn(diffusion.q_sample(x0, t, noise), t).double()
         kl_sum = kl_sum + (T - 1) * coef[t] * ((noise - eps) ** 2).sum(-1) / t_draws
     # L_0 = -log of the Gaussian decoder N(mu_theta(x_1, 1), beta_1) integrated over the data's bin
     t0 = torch.zeros(x0.shape[:-1], dtype=torch.long)
     noise = torch.randn_like(x0)
     x1 = diffusion.q_sample(x0, t0, noise)
-    mean = diffusion.p_step(x1, 0, eps_fn(x1.to(torch.get_default_dtype()), t0).double(), None)
+    mean = diffusion.p_step(x1, 0, eps_fn(x1, t0).double(), None)
     decoder = -log_prob_interval(lo.double(), hi.double(), mean, diffusion.betas[0].sqrt()).sum(-1)
     return prior + kl_sum + decoder
 
@@ -531,7 +531,8 @@ def load_checkpoint(path, device="cpu", use_ema=True):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        why = "it holds objects other than tensors and plain values, refused for safety" if "weights_only" in str(e).lower() or "unsupported global" in str(e).lower() else "it could not be read as a torch file"
+        code = "GLOBAL" in str(e)  # the pickle names a function or class: loading it could run code
+        why = "it holds objects other than tensors and plain values, refused for safety" if code else "it could not be read as a torch file"
         raise CheckpointError(f"{path} is not an adr checkpoint: {why}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an adr checkpoint (no '{CHECKPOINT_FORMAT}' marker)")

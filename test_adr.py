@@ -1,0 +1,295 @@
+"""Tests for adr: run `python -m pytest -q` (CPU, a few minutes on 2 cores)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import adr
+from adr import ADR, SIZES, ADRConfig, Diffusion, MultiScaleRetention
+
+
+def tiny_model(token_dim=6, seq_len=10, num_classes=3, dtype=torch.float32, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=num_classes, **{**SIZES["tiny"], **overrides})
+    return ADR(cfg).to(dtype)
+
+
+def randomise_head(model, std=0.05):
+    """The head's modulation and output start at zero; give them random weights so samples depend on z."""
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, std)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Retention: the three forms agree
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_three_forms_agree(dtype):
+    diffs = adr.check_equivalence(dtype)
+    assert set(diffs) >= {"retention recurrent", "backbone recurrent", "backbone chunkwise B=5"}
+    assert max(diffs.values()) <= {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+
+
+def test_equivalence_check_catches_a_broken_chunkwise(monkeypatch):
+    """The assertion is not vacuous: a chunkwise form that forgets the earlier chunks is caught."""
+    def forgets_earlier_chunks(q, k, v, log_gamma, state, chunk_size):
+        chunks = range(0, q.shape[2], chunk_size)
+        outputs = [adr.retention_parallel(*(t[:, :, s : s + chunk_size] for t in (q, k, v)), log_gamma) for s in chunks]
+        return torch.cat(outputs, dim=2), state
+
+    monkeypatch.setattr(adr, "retention_chunkwise", forgets_earlier_chunks)
+    with pytest.raises(AssertionError, match="chunkwise B=1"):
+        adr.check_equivalence(torch.float64)
+
+
+def test_decay_mask_has_no_overflow_at_8192():
+    log_gamma = torch.log1p(-torch.tensor([2.0**-5]))
+    mask = adr.decay_mask(8192, log_gamma)
+    assert torch.isfinite(mask).all()
+    assert mask.triu(1).abs().max() == 0  # above the diagonal: exactly zero
+    assert mask[0, 100, 90] == pytest.approx((1 - 2.0**-5) ** 10, rel=1e-5)
+    assert (mask.diagonal(dim1=1, dim2=2) == 1).all()
+
+
+def test_one_head_retention_is_not_zero():
+    """A norm across heads would subtract the only head's mean from itself; per-head norm must not."""
+    torch.manual_seed(0)
+    layer = MultiScaleRetention(16, 1)
+    out, _ = layer(torch.randn(2, 12, 16))
+    assert out.abs().mean() > 1e-3
+
+
+def test_recurrent_state_is_constant_size():
+    torch.manual_seed(0)
+    layer = MultiScaleRetention(16, 2)
+    _, state = layer(torch.randn(1, 3, 16), "chunkwise", chunk_size=2)
+    _, state_long = layer(torch.randn(1, 300, 16), "chunkwise", chunk_size=64)
+    assert state.shape == state_long.shape == (1, 2, 8, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causality and token mixing
+
+
+def causal_influence(model, j=4):
+    """Change token j; return (z_i for i <= j unchanged bit for bit, z_i for every i > j changed)."""
+    torch.manual_seed(1)
+    tokens = torch.randn(2, model.cfg.seq_len, model.cfg.token_dim)
+    changed = tokens.clone()
+    changed[:, j] += 1.0
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        z, z2 = model.condition(tokens, labels), model.condition(changed, labels)
+    before_same = torch.equal(z[:, : j + 1], z2[:, : j + 1])
+    after_changed = all((z[:, i] - z2[:, i]).abs().max() > 1e-6 for i in range(j + 1, model.cfg.seq_len))
+    return before_same, after_changed
+
+
+def test_causality_and_token_mixing():
+    model = tiny_model().eval()
+    assert causal_influence(model) == (True, True)
+
+
+def test_token_mixing_check_fails_without_retention(monkeypatch):
+    """A model whose retention outputs zeros sees only the previous token (through the causal shift),
+    so tokens two or more steps later are not influenced: the check above must notice."""
+    model = tiny_model().eval()
+    monkeypatch.setattr(adr, "retention_parallel", lambda q, k, v, log_gamma: torch.zeros_like(v))
+    before_same, after_changed = causal_influence(model)
+    assert before_same and not after_changed
+
+
+# ----------------------------------------------------------------------------------------------
+# The DDPM schedule
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedule_alpha_bar(schedule):
+    d = Diffusion.make(1000, schedule)
+    alpha_bar = d.alpha_bar
+    assert (alpha_bar[1:] < alpha_bar[:-1]).all(), "alpha_bar must strictly decrease"
+    assert alpha_bar[0] > 0.999 and alpha_bar[-1] < 1e-4
+    assert (d.betas <= 0.999).all() and (d.betas > 0).all()
+
+
+def test_respaced_schedule_keeps_alpha_bar():
+    d = Diffusion.make(1000)
+    r = d.respaced(100)
+    assert len(r) == 100 and r.timesteps[0] == 0 and r.timesteps[-1] == 999
+    torch.testing.assert_close(r.alpha_bar, d.alpha_bar[r.timesteps], rtol=1e-12, atol=0)
+    assert len(d.respaced(1000)) == 1000
+    torch.testing.assert_close(d.respaced(1000).betas, d.betas)
+    with pytest.raises(ValueError, match="between 1 and 1000"):
+        d.respaced(0)
+
+
+def test_q_sample_mean_and_variance():
+    d = Diffusion.make(1000)
+    torch.manual_seed(0)
+    x0 = torch.full((200_000, 1), 0.7, dtype=torch.float64)
+    for t in (0, 300, 999):
+        xt = d.q_sample(x0, torch.full((200_000,), t), torch.randn_like(x0))
+        a = d.alpha_bar[t].item()
+        assert xt.mean().item() == pytest.approx(math.sqrt(a) * 0.7, abs=5e-3)
+        assert xt.var().item() == pytest.approx(1 - a, abs=5e-3 + 0.02 * (1 - a))
+
+
+@pytest.mark.parametrize("steps", [1000, 100])
+def test_reverse_step_is_the_posterior_mean(steps):
+    """Given the true eps, the paper's reverse step (without noise) equals the Gaussian posterior mean
+    mu~(x_t, x_0) = sqrt(a_prev) beta_t / (1 - a_t) x_0 + sqrt(alpha_t) (1 - a_prev) / (1 - a_t) x_t."""
+    d = Diffusion.make(1000).respaced(steps)
+    torch.manual_seed(0)
+    x0, eps = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    for i in (1, steps // 2, steps - 1):
+        a, a_prev, beta = d.alpha_bar[i], d.alpha_bar[i - 1], d.betas[i]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        posterior_mean = a_prev.sqrt() * beta / (1 - a) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a) * xt
+        torch.testing.assert_close(d.p_step(xt, i, eps, torch.zeros_like(xt)), posterior_mean, rtol=1e-9, atol=1e-9)
+    # with noise, the step adds sigma_t z with sigma_t^2 = beta~_t
+    z = torch.randn(5, 7, dtype=torch.float64)
+    diff = d.p_step(xt, i, eps, z) - d.p_step(xt, i, eps, torch.zeros_like(z))
+    torch.testing.assert_close(diff, d.posterior_var[i].sqrt() * z)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning and sampling
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    model = tiny_model(token_dim=12, seq_len=16)
+    torch.manual_seed(0)
+    tokens, labels = torch.rand(8, 16, 12) * 2 - 1, torch.randint(0, 3, (8,))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        loss = model(tokens, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last <= 0.5 * first, f"loss fell from {first:.3f} to {last:.3f} only"
+
+
+@pytest.mark.parametrize("layout", [adr.image_layout(), adr.audio_layout(length=1600, chunk=160)])
+def test_sampling_shapes(layout):
+    seq_len, token_dim = adr.layout_shape(layout)
+    model = tiny_model(token_dim=token_dim, seq_len=seq_len, num_classes=10).eval()
+    torch.manual_seed(0)
+    tokens = model.sample(3, torch.tensor([0, 5, 9]), steps=2)
+    assert tokens.shape == (3, seq_len, token_dim)
+    x = adr.from_tokens(tokens, layout)
+    assert x.shape == ((3, 3, 32, 32) if layout["kind"] == "image" else (3, 1600))
+    assert x.abs().max() <= 1
+
+
+def test_same_seed_same_samples_and_guidance():
+    model = randomise_head(tiny_model().eval())
+    labels = torch.tensor([0, 2])
+    torch.manual_seed(7)
+    a = model.sample(2, labels, steps=3, cfg_scale=3.0)
+    torch.manual_seed(7)
+    b = model.sample(2, labels, steps=3, cfg_scale=3.0)
+    torch.manual_seed(8)
+    c = model.sample(2, labels, steps=3, cfg_scale=3.0)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="guidance needs class labels"):
+        model.sample(2, None, steps=2, cfg_scale=3.0)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_recurrent_sampling_equals_parallel_recompute(cfg_scale):
+    model = randomise_head(tiny_model(dtype=torch.float64).eval())
+    labels = torch.tensor([1, 2])
+    torch.manual_seed(3)
+    recurrent = model.sample(2, labels, steps=4, cfg_scale=cfg_scale)
+    torch.manual_seed(3)
+    parallel = model.sample(2, labels, steps=4, cfg_scale=cfg_scale, mode="parallel")
+    assert ((recurrent - parallel).abs().max() / recurrent.abs().max()).item() < 1e-10
+    # and the samples really depend on the earlier tokens: a different prompt changes the rest
+    torch.manual_seed(3)
+    other = model.sample(2, labels, steps=4, cfg_scale=cfg_scale, prompt=recurrent[:, :1] + 0.5)
+    assert not torch.allclose(other[:, 1:], recurrent[:, 1:])
+
+
+def test_prompt_is_kept_and_prefilled_like_recurrent():
+    model = randomise_head(tiny_model(dtype=torch.float64).eval())
+    torch.manual_seed(0)
+    prompt = torch.randn(2, 4, 6, dtype=torch.float64)
+    torch.manual_seed(5)
+    out = model.sample(2, torch.tensor([0, 1]), steps=3, prompt=prompt, chunk_size=3)
+    torch.manual_seed(5)
+    reference = model.sample(2, torch.tensor([0, 1]), steps=3, prompt=prompt, mode="parallel")
+    assert torch.equal(out[:, :4], prompt)
+    assert ((out - reference).abs().max() / out.abs().max()).item() < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------
+# Token layouts
+
+
+def test_patchify_roundtrip_and_raster_order():
+    x = torch.randn(2, 3, 32, 32)
+    tokens = adr.patchify(x, 4)
+    assert tokens.shape == (2, 64, 48)
+    assert torch.equal(adr.unpatchify(tokens, 4, 3, 32, 32), x)
+    # token 1 is the patch right of token 0; token 8 is the patch below token 0
+    assert torch.equal(tokens[0, 1].view(4, 4, 3), x[0, :, 0:4, 4:8].permute(1, 2, 0))
+    assert torch.equal(tokens[0, 8].view(4, 4, 3), x[0, :, 4:8, 0:4].permute(1, 2, 0))
+
+
+def test_audio_tokens_roundtrip_and_mu_law():
+    layout = adr.audio_layout()
+    wave = (torch.randint(-32768, 32768, (2, 16000)) / 32768).float()
+    tokens = adr.to_tokens(wave, layout)
+    assert tokens.shape == (2, 100, 160)
+    torch.testing.assert_close(adr.from_tokens(tokens, layout), wave, atol=2e-6, rtol=0)
+    quiet = torch.tensor([0.01])
+    assert adr.mu_law(quiet).item() > 0.2  # a sample at 1% of full scale gets over 20% of the range
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_roundtrip_gives_identical_samples(tmp_path):
+    model = randomise_head(tiny_model().eval())
+    ema = randomise_head(tiny_model(seed=1).eval())
+    path = tmp_path / "ckpt.pt"
+    adr.save_checkpoint(path, model, adr.image_layout(), ["a", "b", "c"], ema=ema, step=12)
+    assert not os.path.exists(f"{path}.tmp")
+    for use_ema, source in ((False, model), (True, ema)):
+        loaded, ckpt = adr.load_checkpoint(path, use_ema=use_ema)
+        assert ckpt["step"] == 12 and ckpt["class_names"] == ["a", "b", "c"] and ckpt["layout"]["kind"] == "image"
+        torch.manual_seed(0)
+        a = source.sample(2, torch.tensor([0, 1]), steps=3)
+        torch.manual_seed(0)
+        b = loaded.sample(2, torch.tensor([0, 1]), steps=3)
+        assert torch.equal(a, b)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": adr.CHECKPOINT_FORMAT, "payload": RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(adr.CheckpointError, match="not an adr checkpoint.*refused"):
+        adr.load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_wrong_files_give_a_clear_error(tmp_path):
+    (tmp_path / "random.pt").write_bytes(os.urandom(1000))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    for name, message in (("random.pt", "could not be read"), ("other.pt", "marker"), ("missing.pt", "no checkpoint at")):
+        with pytest.raises(adr.CheckpointError, match=message):
+            adr.load_checkpoint(tmp_path / name)
