@@ -390,19 +390,23 @@ def log_prob_interval(lo, hi, mean, std):
 def token_nll(x0, lo, hi, eps_fn, diffusion, t_draws=1):
     """Negative log-likelihood bound (nats) of each token x0 (..., D) quantised to the bin [lo, hi]:
     L_T + sum_{t>1} L_{t-1} + L_0 (DDPM eq. 5), the middle sum estimated without bias by drawing t
-    uniformly. eps_fn(x_t, t) is the denoiser for these tokens (x_t in float64). Returns a tensor of shape x0[..., 0]."""
+    (importance-weighted). eps_fn(x_t, t) is the denoiser for these tokens (x_t in float64). Returns a tensor of shape x0[..., 0]."""
     T, x0 = len(diffusion), x0.double()
     alpha_bar_T = diffusion.alpha_bar[-1].item()
     # L_T = KL(q(x_T|x_0) || N(0, I))
     prior = 0.5 * ((1 - alpha_bar_T) + alpha_bar_T * x0**2 - 1 - math.log(1 - alpha_bar_T)).sum(-1)
     # L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) = beta_t^2 / (2 sigma_t^2 alpha_t (1-alpha_bar_t)) ||eps - eps_theta||^2
     coef = diffusion.betas**2 / (2 * diffusion.posterior_var * diffusion.alphas * (1 - diffusion.alpha_bar))
+    # importance sampling: draw t from p_t, half ∝ coef_t * alpha_bar_t (the term's size for data of unit
+    # variance) and half ∝ coef_t (so that coef_t / p_t stays bounded for any denoiser), and weight the
+    # draw by coef_t / p_t: the estimate stays unbiased and its variance small
+    p = 0.5 * (coef[1:] * diffusion.alpha_bar[1:]) / (coef[1:] * diffusion.alpha_bar[1:]).sum() + 0.5 * coef[1:] / coef[1:].sum()
     kl_sum = 0.0
     for _ in range(t_draws):
-        t = torch.randint(1, T, x0.shape[:-1])
+        t = 1 + torch.multinomial(p, x0[..., 0].numel(), replacement=True).view(x0.shape[:-1])
         noise = torch.randn_like(x0)
         eps = eps_fn(diffusion.q_sample(x0, t, noise), t).double()
-        kl_sum = kl_sum + (T - 1) * coef[t] * ((noise - eps) ** 2).sum(-1) / t_draws
+        kl_sum = kl_sum + (coef[t] / p[t - 1]) * ((noise - eps) ** 2).sum(-1) / t_draws
     # L_0 = -log of the Gaussian decoder N(mu_theta(x_1, 1), beta_1) integrated over the data's bin
     t0 = torch.zeros(x0.shape[:-1], dtype=torch.long)
     noise = torch.randn_like(x0)
