@@ -46,7 +46,8 @@ SIZES = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# Retention: three forms of one function. q, k, v are (B, H, L, d_head); log_gamma is (H,).
+# Retention: three forms of one function. q, k, v are (B, H, L, d_head); log_gamma is (H,), kept in
+# float32 or better (bf16 cannot even count positions past 256), like the state that sums the past.
 
 
 def decay_mask(length, log_gamma):
@@ -60,13 +61,13 @@ def decay_mask(length, log_gamma):
 
 def retention_parallel(q, k, v, log_gamma):
     """Parallel form: Retention(X) = (Q K^T ⊙ D) V (RetNet eq. 5)."""
-    return (q @ k.transpose(-1, -2) * decay_mask(q.shape[2], log_gamma)) @ v
+    return (q @ k.transpose(-1, -2) * decay_mask(q.shape[2], log_gamma).to(q.dtype)) @ v
 
 
 def retention_recurrent(q, k, v, log_gamma, state):
     """Recurrent form, one token: S_n = gamma S_{n-1} + k_n^T v_n,  o_n = q_n S_n (RetNet eq. 6)."""
     state = log_gamma.exp()[:, None, None] * state + k.transpose(-1, -2) @ v
-    return q @ state, state
+    return q @ state.to(q.dtype), state
 
 
 def retention_chunkwise(q, k, v, log_gamma, state, chunk_size):
@@ -76,11 +77,11 @@ def retention_chunkwise(q, k, v, log_gamma, state, chunk_size):
     outputs = []
     for start in range(0, q.shape[2], chunk_size):
         qc, kc, vc = (t[:, :, start : start + chunk_size] for t in (q, k, v))
-        j = torch.arange(qc.shape[2], device=q.device, dtype=q.dtype)[:, None]
+        j = torch.arange(qc.shape[2], device=q.device, dtype=log_gamma.dtype)[:, None]
+        decay = lambda power: (power * log_gamma[:, None, None]).exp().to(q.dtype)  # noqa: E731
         inner = retention_parallel(qc, kc, vc, log_gamma)
-        cross = (qc @ state) * ((j + 1) * log_gamma[:, None, None]).exp()  # (Q_i R_{i-1}) ⊙ xi
-        zeta = ((qc.shape[2] - 1 - j) * log_gamma[:, None, None]).exp()
-        state = (qc.shape[2] * log_gamma).exp()[:, None, None] * state + kc.transpose(-1, -2) @ (vc * zeta)
+        cross = (qc @ state.to(q.dtype)) * decay(j + 1)  # (Q_i R_{i-1}) ⊙ xi
+        state = (qc.shape[2] * log_gamma).exp()[:, None, None] * state + kc.transpose(-1, -2) @ (vc * decay(qc.shape[2] - 1 - j))
         outputs.append(inner + cross)
     return torch.cat(outputs, dim=2), state
 
@@ -103,17 +104,17 @@ class MultiScaleRetention(nn.Module):
 
     def log_gamma(self, like):
         """gamma_h = 1 - 2^(-5-h): head h looks back about 2^(5+h) tokens."""
-        h = torch.arange(self.n_head, device=like.device, dtype=like.dtype)
+        h = torch.arange(self.n_head, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
         return torch.log1p(-(2.0 ** (-5.0 - h)))
 
     def rotate(self, x, pos):
         """Relative position as in xPos/RoPE: channel pair i of the token at position n is rotated by
         n * theta_i, so q_n k_m^T depends on n - m only."""
         half = self.d_head // 2
-        theta = 10000.0 ** (-torch.arange(half, device=x.device, dtype=x.dtype) / half)
-        n = torch.arange(pos, pos + x.shape[2], device=x.device, dtype=x.dtype)
-        angle = n[:, None] * theta[None, :]
-        cos, sin = angle.cos(), angle.sin()
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        theta = 10000.0 ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
+        angle = torch.arange(pos, pos + x.shape[2], device=x.device, dtype=dtype)[:, None] * theta
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -127,7 +128,7 @@ class MultiScaleRetention(nn.Module):
         v = heads(self.v_proj(x))
         log_gamma = self.log_gamma(q)
         if state is None and form != "parallel":
-            state = q.new_zeros(B, self.n_head, self.d_head, self.d_head)
+            state = q.new_zeros(B, self.n_head, self.d_head, self.d_head, dtype=log_gamma.dtype)  # kept in float32+
         if form == "parallel":
             o = retention_parallel(q, k, v, log_gamma)
         elif form == "chunkwise":

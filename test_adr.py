@@ -56,6 +56,20 @@ def test_decay_mask_has_no_overflow_at_8192():
     assert (mask.diagonal(dim1=1, dim2=2) == 1).all()
 
 
+def test_bf16_autocast_stays_close_past_position_256():
+    """Positions and decays are computed in float32 and the state is summed in float32, so bf16
+    autocast (as used on GPUs) stays within bf16 rounding of float32 in all three forms."""
+    torch.manual_seed(0)
+    layer = MultiScaleRetention(64, 4)
+    x = torch.randn(2, 300, 64)
+    reference = layer(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for form in ("parallel", "chunkwise", "recurrent"):
+            out = layer(x, form, chunk_size=64)[0]
+            assert out.dtype == torch.bfloat16
+            assert ((out.float() - reference).abs().max() / reference.abs().max()).item() < 0.03, form
+
+
 def test_one_head_retention_is_not_zero():
     """A norm across heads would subtract the only head's mean from itself; per-head norm must not."""
     torch.manual_seed(0)
