@@ -286,18 +286,17 @@ class ADR(nn.Module):
         self.diffusion = Diffusion.make(cfg.diffusion_steps, cfg.schedule)
 
     def embed(self, tokens, labels, with_start):
-        """Backbone input: [start(label), tok_0, tok_1, ...] (with_start) or just tokens, each plus its
-        absolute position embedding; tokens: (B, n, token_dim) at input positions 1..n or later."""
-        B, n = tokens.shape[:2]
+        """Backbone input: [start(label), tok_0, tok_1, ...] (with_start) or just the embedded tokens."""
         h = self.token_in(tokens)
         if with_start:
-            null = torch.full((B,), self.cfg.num_classes, device=tokens.device, dtype=torch.long)
+            null = torch.full(tokens.shape[:1], self.cfg.num_classes, device=tokens.device, dtype=torch.long)
             start = self.start(null if labels is None else labels)[:, None]
             h = torch.cat([start, h], dim=1)
         return h
 
     def backbone(self, h, form="parallel", states=None, pos=0, chunk_size=64):
-        """Run the RetNet on inputs at positions pos.. in the given form; returns (z, states)."""
+        """Run the RetNet on inputs at positions pos.. (plus their absolute position embedding) in the
+        given form; returns (z, states)."""
         h = h + self.pos_emb[pos : pos + h.shape[1]]
         states = states or [None] * len(self.blocks)
         new_states = []
@@ -392,7 +391,7 @@ def token_nll(x0, lo, hi, eps_fn, diffusion, t_draws=1):
     """Negative log-likelihood bound (nats) of each token x0 (..., D) quantised to the bin [lo, hi]:
     L_T + sum_{t>1} L_{t-1} + L_0 (DDPM eq. 5), the middle sum estimated without bias by drawing t
     (importance-weighted). eps_fn(x_t, t) is the denoiser for these tokens (x_t in float64). Returns a tensor of shape x0[..., 0]."""
-    T, x0 = len(diffusion), x0.double()
+    x0 = x0.double()
     alpha_bar_T = diffusion.alpha_bar[-1].item()
     # L_T = KL(q(x_T|x_0) || N(0, I))
     prior = 0.5 * ((1 - alpha_bar_T) + alpha_bar_T * x0**2 - 1 - math.log(1 - alpha_bar_T)).sum(-1)
@@ -401,7 +400,8 @@ def token_nll(x0, lo, hi, eps_fn, diffusion, t_draws=1):
     # importance sampling: draw t from p_t, half ∝ coef_t * alpha_bar_t (the term's size for data of unit
     # variance) and half ∝ coef_t (so that coef_t / p_t stays bounded for any denoiser), and weight the
     # draw by coef_t / p_t: the estimate stays unbiased and its variance small
-    p = 0.5 * (coef[1:] * diffusion.alpha_bar[1:]) / (coef[1:] * diffusion.alpha_bar[1:]).sum() + 0.5 * coef[1:] / coef[1:].sum()
+    signal = coef[1:] * diffusion.alpha_bar[1:]
+    p = 0.5 * signal / signal.sum() + 0.5 * coef[1:] / coef[1:].sum()
     kl_sum = 0.0
     for _ in range(t_draws):
         t = 1 + torch.multinomial(p, x0[..., 0].numel(), replacement=True).view(x0.shape[:-1])
