@@ -37,6 +37,7 @@ class ADRConfig:
     diffusion_steps: int = 1000  # T
     schedule: str = "cosine"  # "cosine" or "linear"
     diffusion_batch_mul: int = 4  # t draws per token per training step
+    clip_x0: bool = True  # tokens lie in [-1, 1]: clamp the predicted x_0 in each sampling step
 
 
 # Model sizes: "tiny" for CPU tests and quick runs, "base" for one GPU.
@@ -207,10 +208,15 @@ class Diffusion:
         alpha_bar = self.alpha_bar.to(x0.device)[t].unsqueeze(-1).to(x0.dtype)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
-    def p_step(self, x_t, i, eps, noise):
+    def p_step(self, x_t, i, eps, noise, clip=False):
         """x_{t-1} = (x_t - (1-alpha_t)/sqrt(1-alpha_bar_t) eps_theta) / sqrt(alpha_t) + sigma_t z (DDPM Alg. 2),
-        with sigma_t^2 = beta~_t; no noise on the last step. `i` indexes this (possibly respaced) schedule."""
+        with sigma_t^2 = beta~_t; no noise on the last step. `i` indexes this (possibly respaced) schedule.
+        With clip, eps is first replaced by the noise implied by the predicted x_0 clamped to [-1, 1]: near
+        t = T, 1/sqrt(alpha_t) is in the hundreds and would blow up any error of eps_theta."""
         alpha, alpha_bar = self.alphas[i].item(), self.alpha_bar[i].item()
+        if clip:  # x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), clamped, then eps from it
+            x0 = ((x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)).clamp(-1, 1)
+            eps = (x_t - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar)
         mean = (x_t - (1 - alpha) / math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha)
         return mean + math.sqrt(self.posterior_var[i].item()) * noise if i > 0 else mean
 
@@ -342,7 +348,7 @@ class ADR(nn.Module):
                 eps = eps_u + cfg_scale * (eps_c - eps_u)
             else:
                 eps = self.head(x, t, z)
-            x = diffusion.p_step(x, i, eps, temperature * torch.randn_like(x))
+            x = diffusion.p_step(x, i, eps, temperature * torch.randn_like(x), clip=self.cfg.clip_x0)
         return x
 
     @torch.no_grad()

@@ -171,6 +171,21 @@ def test_reverse_step_is_the_posterior_mean(steps):
     torch.testing.assert_close(diff, d.posterior_var[i].sqrt() * z)
 
 
+def test_clipped_step_is_the_posterior_mean_at_the_clamped_x0():
+    d = Diffusion.make(1000).respaced(100)
+    torch.manual_seed(0)
+    x0, eps = 3 * torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    i = 99  # t = T: 1 / sqrt(alpha) ~ 350, where an unclipped step amplifies any error of eps
+    a, a_prev, beta = d.alpha_bar[i], d.alpha_bar[i - 1], d.betas[i]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    clamped = x0.clamp(-1, 1)
+    posterior_mean = a_prev.sqrt() * beta / (1 - a) * clamped + (1 - beta).sqrt() * (1 - a_prev) / (1 - a) * xt
+    torch.testing.assert_close(d.p_step(xt, i, eps, torch.zeros_like(xt), clip=True), posterior_mean)
+    inside = x0.clamp(-0.9, 0.9)  # nothing to clip: the same step as without clipping
+    xt = a.sqrt() * inside + (1 - a).sqrt() * eps
+    torch.testing.assert_close(d.p_step(xt, i, eps, 0 * xt, clip=True), d.p_step(xt, i, eps, 0 * xt))
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning and sampling
 
