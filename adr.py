@@ -42,7 +42,7 @@ class ADRConfig:
 
 # Model sizes: "tiny" for CPU tests and quick runs, "base" for one GPU.
 SIZES = {
-    "tiny": dict(d_model=64, n_layer=2, n_head=2, head_width=96, head_depth=2),
+    "tiny": dict(d_model=64, n_layer=2, n_head=2, head_width=256, head_depth=2),  # head wider than a 160-value audio token
     "base": dict(d_model=512, n_layer=8, n_head=4, head_width=1024, head_depth=6),
 }
 
@@ -211,13 +211,15 @@ class Diffusion:
     def p_step(self, x_t, i, eps, noise, clip=False):
         """x_{t-1} = (x_t - (1-alpha_t)/sqrt(1-alpha_bar_t) eps_theta) / sqrt(alpha_t) + sigma_t z (DDPM Alg. 2),
         with sigma_t^2 = beta~_t; no noise on the last step. `i` indexes this (possibly respaced) schedule.
-        With clip, eps is first replaced by the noise implied by the predicted x_0 clamped to [-1, 1]: near
-        t = T, 1/sqrt(alpha_t) is in the hundreds and would blow up any error of eps_theta."""
+        With clip, the same mean is taken through the predicted x_0 clamped to [-1, 1]: near t = T,
+        1/sqrt(alpha_t) is in the hundreds and would blow up any error of eps_theta."""
         alpha, alpha_bar = self.alphas[i].item(), self.alpha_bar[i].item()
-        if clip:  # x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), clamped, then eps from it
+        if clip:  # the posterior mean mu~(x_t, x_0) (DDPM eq. 7) at x_0 = (x_t - sqrt(1-alpha_bar) eps) / sqrt(alpha_bar), clamped
+            alpha_bar_prev = self.alpha_bar[i - 1].item() if i > 0 else 1.0
             x0 = ((x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)).clamp(-1, 1)
-            eps = (x_t - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar)
-        mean = (x_t - (1 - alpha) / math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha)
+            mean = (math.sqrt(alpha_bar_prev) * (1 - alpha) * x0 + math.sqrt(alpha) * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar)
+        else:
+            mean = (x_t - (1 - alpha) / math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha)
         return mean + math.sqrt(self.posterior_var[i].item()) * noise if i > 0 else mean
 
 
