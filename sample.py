@@ -1,0 +1,227 @@
+"""
+Sample from a trained ADR checkpoint. The checkpoint says whether it holds an image or an audio model:
+images come out as one PNG grid (a row per class), audio as one 16-bit WAV per sample plus a PNG of
+their spectrograms. Written to --out (default: samples/ next to the checkpoint).
+
+    python sample.py --ckpt out/image/ckpt.pt                              # 10 images of every class
+    python sample.py --ckpt out/image/ckpt.pt --class cat --n 16 --cfg 1   # 16 cats, no guidance
+    python sample.py --ckpt out/image/ckpt.pt --prompt cat.jpg --keep 0.5  # complete the bottom half
+    python sample.py --ckpt out/audio/ckpt.pt --prompt yes.wav --keep 0.3  # continue after 0.3 s
+    python sample.py --ckpt out/image/ckpt.pt --mode parallel              # no recurrent state
+
+Generation is one token at a time: the RetNet gives z_i, the diffusion head runs --steps reverse steps
+to draw token i. In the default recurrent mode the RetNet carries an O(1) state from token to token (a
+prompt is first read in chunkwise form); --mode parallel recomputes the whole prefix for every token,
+as a model without a recurrent form must. Sampling runs in float32, and both modes give the same
+samples for the same --seed. The run's time is printed, with the shares of the RetNet (backbone) and
+of the diffusion head.
+"""
+
+import argparse
+import os
+import time
+
+import torch
+
+from adr import CheckpointError, from_tokens, layout_shape, load_checkpoint, to_tokens
+from train_audio import prepare_clip, read_wav, save_spectrograms, write_wav
+from train_image import fail, load_image, number, save_image_grid
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, instead of the usage text
+        fail(f"{message} (see --help)")
+
+
+def parse_args(argv=None):
+    parser = Parser(description="Sample images or audio from an ADR checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="ckpt.pt written by train_image.py or train_audio.py")
+    parser.add_argument("--out", default=None, help="output folder (default: samples/ next to the checkpoint)")
+    parser.add_argument("--n", type=number(int, 1), default=None, help="samples per class, or in all for an unconditional model (default: 10 for images, 1 for audio)")
+    parser.add_argument("--class", dest="class_name", default=None, help="sample this class only (default: every class)")
+    parser.add_argument("--steps", type=number(int, 1), default=100, help="reverse diffusion steps per token (default: 100)")
+    parser.add_argument("--temperature", type=number(float, 0), default=1.0, help="scale of the noise added at each reverse step (default: 1)")
+    parser.add_argument("--cfg", type=number(float, 0), default=None, help="classifier-free guidance scale, 1 = none (default: 3 for a class-conditional model, as in the training sample files; 1 otherwise)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
+    parser.add_argument("--prompt", default=None, help="an image or a WAV file to continue (images are centre-cropped and resized to the model's size, clips mixed to mono and resampled)")
+    parser.add_argument("--keep", type=number(float, 0, low_ok=False), default=0.5, help="with --prompt: the fraction of the image's tokens (top rows first), or the seconds of audio, to keep (default: 0.5)")
+    parser.add_argument("--mode", choices=["recurrent", "parallel"], default="recurrent", help="carry the recurrent state (default), or recompute the whole prefix at every token")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu (default: cuda when there is a GPU)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights when the checkpoint has them (default: yes)")
+    return parser.parse_args(argv)
+
+
+def pick_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPUs here")
+    return device
+
+
+def pick_classes(args, cfg, class_names):
+    """The class index of each output row (None for an unconditional model) and the rows' names."""
+    if cfg.num_classes == 0:
+        if args.class_name is not None:
+            fail(f"--class {args.class_name}: this checkpoint is unconditional (trained without classes); leave --class out")
+        if args.cfg not in (None, 1.0):
+            fail(f"--cfg {args.cfg:g}: guidance needs a class-conditional checkpoint and this one has no classes; leave --cfg at 1")
+        return [None], ["sample"]
+    names = class_names or [str(c) for c in range(cfg.num_classes)]
+    if args.class_name is None:
+        return list(range(cfg.num_classes)), names
+    if args.class_name not in names:
+        fail(f"unknown class {args.class_name!r}: this checkpoint knows {', '.join(names)}")
+    return [names.index(args.class_name)], [args.class_name]
+
+
+def image_prompt(path, layout, keep):
+    """(tokens of the image (1, L, D), number of tokens to keep)."""
+    try:
+        image = load_image(path, layout["height"], layout["width"])
+    except ValueError as e:
+        fail(f"--prompt: {e}; this is an image model: give an image file")
+    seq_len = layout_shape(layout)[0]
+    if not 0 < keep < 1:
+        fail(f"--keep {keep:g}: for an image it is the fraction of tokens to keep, between 0 and 1")
+    kept = round(keep * seq_len)
+    if not 0 < kept < seq_len:
+        fail(f"--keep {keep:g} keeps {kept} of {seq_len} tokens; keep at least one and leave at least one to generate")
+    return to_tokens(image[None], layout), kept
+
+
+def audio_prompt(path, layout, keep):
+    """(tokens of the clip (1, L, D), number of tokens to keep: whole chunks within --keep seconds)."""
+    try:
+        waveform, rate = read_wav(path)
+    except ValueError as e:
+        fail(f"--prompt: {e}; this is an audio model: give a 16-bit PCM WAV file")
+    rate_out, length = layout["sample_rate"], layout["length"]
+    seconds = waveform.shape[1] / rate
+    if keep > seconds:
+        fail(f"--prompt {path} lasts {seconds:.3f} s, shorter than --keep {keep:g} s")
+    kept = int(keep * rate_out) // layout["chunk"]
+    seq_len = layout_shape(layout)[0]
+    if not 0 < kept < seq_len:
+        chunk_s = layout["chunk"] / rate_out
+        fail(f"--keep {keep:g} s keeps {kept} chunks of {chunk_s:g} s; keep at least one and less than the {length / rate_out:g} s clip")
+    clip = prepare_clip(waveform, rate, rate_out, length)
+    return to_tokens(clip[None], layout), kept
+
+
+class Stopwatch:
+    """Adds up the time spent inside the functions it wraps. On a GPU it waits for the queued work at
+    both ends of each call, so the time is the GPU's, not only the time to queue the kernels."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, 0.0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.sync()
+            self.seconds += time.perf_counter() - start
+            return result
+
+        return timed
+
+
+def timed_sample(model, n, labels=None, prompt=None, **options):
+    """model.sample(n, labels, prompt=prompt, **options) with clocks on the whole call, on the RetNet
+    (model.backbone) and on the diffusion head's reverse chains (model.denoise: the denoiser and the
+    reverse steps). Returns (tokens, seconds: total, backbone, head)."""
+    clocks = {name: Stopwatch(model.pos_emb.device) for name in ("total", "backbone", "head")}
+    model.backbone = clocks["backbone"].wrap(model.backbone)
+    model.denoise = clocks["head"].wrap(model.denoise)
+    try:
+        tokens = clocks["total"].wrap(model.sample)(n, labels, prompt=prompt, **options)
+    finally:  # unwrap: the instance attributes go, the methods show through again
+        del model.backbone, model.denoise
+    return tokens, {name: clock.seconds for name, clock in clocks.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    try:
+        model, ckpt = load_checkpoint(args.ckpt, device, use_ema=args.ema)
+    except CheckpointError as e:
+        fail(str(e))
+    cfg, layout = model.cfg, ckpt["layout"]
+    kind = layout["kind"]
+    n = args.n or (10 if kind == "image" else 1)
+    if not 1 <= args.steps <= cfg.diffusion_steps:
+        fail(f"--steps {args.steps}: must be between 1 and the model's {cfg.diffusion_steps} diffusion steps")
+    classes, row_names = pick_classes(args, cfg, ckpt["class_names"])
+    cfg_scale = args.cfg if args.cfg is not None else (3.0 if cfg.num_classes else 1.0)
+    full_prompt, prompt, kept = None, None, 0
+    if args.prompt is not None:
+        if not os.path.isfile(args.prompt):
+            fail(f"--prompt {args.prompt}: no such file")
+        full_prompt, kept = (image_prompt if kind == "image" else audio_prompt)(args.prompt, layout, args.keep)
+        prompt = full_prompt[:, :kept].repeat(n * len(classes), 1, 1)
+    labels = None if classes[0] is None else torch.tensor(classes, device=device).repeat_interleave(n)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create the folder ({e.strerror})")
+
+    torch.manual_seed(args.seed)
+    tokens, seconds = timed_sample(model, n * len(classes), labels, prompt, steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale, mode=args.mode)
+    total, count = seconds["total"], tokens.shape[0]
+    what = f"{count} {'images' if kind == 'image' else 'clips'} of {cfg.seq_len} tokens" + (f" ({kept} from the prompt)" if kept else "")
+    print(f"sampled {what} in {total:.2f} s ({args.mode} mode, cfg {cfg_scale:g}): {total / count:.3f} s/sample, {count * (cfg.seq_len - kept) / total:.0f} tokens/s; "
+          f"backbone {100 * seconds['backbone'] / total:.0f}%, diffusion head {100 * seconds['head'] / total:.0f}%")
+
+    samples = from_tokens(tokens.float().cpu(), layout)
+    if kind == "image":
+        save_images(samples, full_prompt, kept, layout, n, len(classes), out)
+    else:
+        save_audio(samples, full_prompt, kept, layout, n, row_names, out)
+
+
+def save_images(images, full_prompt, kept, layout, n, rows, out):
+    """A grid with a row per class; with a prompt, each row starts with the prompt, its missing part grey."""
+    if full_prompt is None:
+        path = os.path.join(out, "samples.png")
+        save_image_grid(images, path, nrow=n if rows > 1 else min(n, 10))
+    else:
+        shown = full_prompt.clone()
+        shown[:, kept:] = 0  # 0 is mid-grey in [-1, 1]
+        shown = from_tokens(shown, layout)
+        cells = torch.cat([torch.cat([shown, row]) for row in images.split(n)])
+        path = os.path.join(out, "completions.png")
+        save_image_grid(cells, path, nrow=n + 1)
+    print(f"wrote {path}")
+
+
+def save_audio(waves, full_prompt, kept, layout, n, row_names, out):
+    """One WAV per sample, named after its class, and their spectrograms (after the original prompt clip)."""
+    rate = layout["sample_rate"]
+    names = [f"{name}_{k}" for name in row_names for k in range(n)]
+    panels, titles = [], []
+    if full_prompt is not None:
+        original = from_tokens(full_prompt, layout)[0]
+        write_wav(os.path.join(out, "prompt.wav"), original[: kept * layout["chunk"]], rate)
+        panels.append(original), titles.append(f"prompt (first {kept * layout['chunk'] / rate:.2f} s kept)")
+    for name, waveform in zip(names, waves):
+        write_wav(os.path.join(out, f"{name}.wav"), waveform, rate)
+    panels += list(waves)
+    titles += names
+    save_spectrograms(panels, rate, os.path.join(out, "spectrograms.png"), titles)
+    print(f"wrote {len(names)} WAV files{' and prompt.wav' if full_prompt is not None else ''} and spectrograms.png to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,644 @@
+"""
+Train ADR on CIFAR-10, or on any folder of images, and hold the training loop that train_audio.py reuses.
+
+    python train_image.py                              # CIFAR-10, class-conditional, base model, one GPU
+    python train_image.py --size tiny                  # a small model that trains on a CPU
+    python train_image.py --image-folder DIR           # DIR/<class>/*.png|jpg, or DIR/train/<class>/... (+ DIR/test/)
+    torchrun --nproc_per_node=4 train_image.py         # DistributedDataParallel, one process per GPU
+
+Writes to --out (default out/image): ckpt.pt, samples_<step>.png (one row per class), log.csv and loss.png.
+"""
+
+import argparse
+import copy
+import csv
+import io
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Callable, NoReturn
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageOps
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from adr import ADR, SIZES, ADRConfig, CheckpointError, bits_per_dim, from_tokens, image_layout, layout_shape, load_checkpoint, save_checkpoint, to_tokens
+
+# ----------------------------------------------------------------------------------------------
+# Command line, shared with train_audio.py
+
+# Flags whose default depends on --size: "base" is sized for about 15 minutes on one H100-class GPU
+# (from a FLOP count, about 65 GFLOP per image for forward and backward), "tiny" for minutes on a CPU.
+SIZE_DEFAULTS = {
+    "base": dict(steps=8000, batch_size=256, lr=4e-4, warmup=500, eval_every=500, sample_every=1000, ckpt_every=1000, eval_bpd_every=2000, eval_examples=1000, bpd_examples=1000),
+    "tiny": dict(steps=1000, batch_size=64, lr=1e-3, warmup=100, eval_every=100, sample_every=250, ckpt_every=250, eval_bpd_every=500, eval_examples=256, bpd_examples=256),
+}
+
+
+def log(*parts):
+    """Print on the first process only (all processes run the same code under torchrun)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*parts, flush=True)
+
+
+def warn(message):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr that says what to do, exit code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, and the defaults of SIZE_DEFAULTS filled in for the chosen --size."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        args = super().parse_args(args, namespace)
+        for name, value in SIZE_DEFAULTS[args.size].items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, value)
+        return args
+
+
+def number(kind, low, low_ok=True, high=None):
+    """An argparse type: a number of `kind` that is >= low (or > low when not low_ok), and <= high if given."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"{text} must be {'at least' if low_ok else 'more than'} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be at most {high}")
+        return value
+
+    return parse
+
+
+def ema_decay(text):
+    value = number(float, 0)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be below 1")
+    return value
+
+
+def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def per_size(name, kind, low, help, low_ok=True):
+        base, tiny = SIZE_DEFAULTS["base"][name], SIZE_DEFAULTS["tiny"][name]
+        p.add_argument(f"--{name.replace('_', '-')}", type=number(kind, low, low_ok), default=argparse.SUPPRESS, help=f"{help} (default: {base} for base, {tiny} for tiny)")
+
+    p.add_argument("--size", choices=sorted(SIZES), default="base", help="model size: base for a GPU, tiny for a CPU")
+    per_size("steps", int, 1, "optimizer steps in all")
+    per_size("batch_size", int, 1, "examples per step and process (the effective batch is this times the number of processes)")
+    per_size("lr", float, 0, "peak learning rate, after warm-up; cosine decay to a tenth of it", low_ok=False)
+    per_size("warmup", int, 0, "steps of linear learning-rate warm-up")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.02, help="AdamW weight decay of the matrices")
+    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--ema", type=ema_decay, default=0.999, help="decay of the weights' moving average, used for samples and evaluation")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    p.add_argument("--out", default=default_out, help="folder for the checkpoint, samples, log.csv and loss.png")
+    p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out")
+    p.add_argument("--data", default="./data", help="folder the dataset is downloaded to")
+    p.add_argument("--unconditional", action="store_true", help="ignore the class labels")
+    p.add_argument("--log-every", type=number(float, 0), default=10.0, help="seconds between progress lines")
+    per_size("eval_every", int, 0, "steps between held-out loss measurements (0: at the end only)")
+    per_size("sample_every", int, 0, "steps between sample files (0: at the end only)")
+    per_size("ckpt_every", int, 0, "steps between checkpoints (0: at the end only)")
+    per_size("eval_examples", int, 1, "test examples for the held-out loss")
+    per_size("eval_bpd_every", int, 0, "steps between bits/dim measurements on the test split (0: at the end only)")
+    per_size("bpd_examples", int, 1, "test examples for bits/dim")
+    p.add_argument("--num-workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="data loader processes")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop, written once for images and audio
+
+
+@dataclass
+class Task:
+    """What a training script hands to train(): the data and how to show samples."""
+
+    train_set: torch.utils.data.Dataset  # items (x, label): image (C, H, W) or waveform (N,), values in [-1, 1]
+    test_set: torch.utils.data.Dataset | None
+    layout: dict  # adr.image_layout(...) or adr.audio_layout(...)
+    class_names: list[str]  # [] when unconditional
+    save_samples: Callable[[ADR, str, int], None]  # (model in eval mode, out_dir, step) -> writes sample files
+
+
+def setup(args):
+    """Start the process group under torchrun (NCCL on GPU, gloo on CPU) and pick this process's device.
+    Returns (rank, world_size, device); calling it again returns the same."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}: use cuda or cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail("--device cuda, but PyTorch finds no CUDA GPU here: use --device cpu (with --size tiny)")
+        if world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def rank_zero_first(args, load):
+    """Call load() on rank 0 first (it may download), then on the other processes, which find the files."""
+    rank, world, _ = setup(args)
+    if rank > 0:
+        dist.barrier()
+    result = load()
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return result
+
+
+def learning_rate(step, args):
+    """Linear warm-up to --lr, then cosine decay to a tenth of it at the last step."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+@contextmanager
+def fixed_seed(device, seed=0):
+    """The same random draws inside the block at every use (so evaluations and sample grids compare
+    across steps), without disturbing the training run's random stream."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def held_out_batches(task, count, batch_size, device):
+    """(tokens, labels or None) for the first `count` examples of the test split, in batches."""
+    n = min(count, len(task.test_set))
+    for start in range(0, n, batch_size):
+        x, y = zip(*(task.test_set[i] for i in range(start, min(start + batch_size, n))))
+        yield to_tokens(torch.stack(x).to(device), task.layout), torch.tensor(y, device=device) if task.class_names else None
+
+
+@torch.no_grad()
+def held_out_loss(model, task, args, device, autocast):
+    """The training loss of `model` on the first --eval-examples test examples, with fixed noise."""
+    total, n = 0.0, 0
+    with fixed_seed(device):
+        for tokens, labels in held_out_batches(task, args.eval_examples, args.batch_size, device):
+            with autocast:
+                loss = model(tokens, labels)
+            total, n = total + loss.item() * len(tokens), n + len(tokens)
+    return total / n
+
+
+def held_out_bpd(model, task, args, device):
+    """Bits per dimension on the first --bpd-examples test examples: (mean, standard error). A class-
+    conditional model is scored with the true labels plus log2(classes)/dims: p(x) >= p(c) p(x|c) with
+    p(c) uniform, so the result bounds the unconditional -log2 p(x) / dims as well."""
+    values = []
+    with fixed_seed(device):
+        for tokens, labels in held_out_batches(task, args.bpd_examples, args.batch_size, device):
+            bpd = bits_per_dim(model, tokens, labels, task.layout).cpu()
+            values.append(bpd + (math.log2(len(task.class_names)) / tokens[0].numel() if labels is not None else 0.0))
+    values = torch.cat(values).double()
+    stderr = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return values.mean().item(), stderr
+
+
+LOG_COLUMNS = ["step", "train_loss", "test_loss", "test_bpd", "test_bpd_stderr", "lr", "elapsed_s"]
+
+
+def write_log(path, rows, append):
+    """log.csv: one row per step where something was measured; blank where it was not."""
+    new = not append or not os.path.exists(path)
+    with open(path, "w" if new else "a", newline="") as f:
+        writer = csv.DictWriter(f, LOG_COLUMNS, restval="")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_losses(history, path):
+    """loss.png: train and held-out loss (left), held-out bits/dim with its standard error (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train_loss", "train"), ("test_loss", "held-out (EMA)")):
+        points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
+        if points:
+            left.plot(*zip(*points), label=label, marker="." if key == "test_loss" else None)
+    left.set(xlabel="step", ylabel="diffusion loss (MSE of the noise)", title="loss")
+    if left.lines:
+        left.legend()
+    points = [(row["step"], row["test_bpd"], row["test_bpd_stderr"]) for row in history if row.get("test_bpd") is not None]
+    if points:
+        steps, bpd, stderr = zip(*points)
+        right.errorbar(steps, bpd, yerr=[0 if math.isnan(s) else s for s in stderr], marker="o", capsize=3)
+    right.set(xlabel="step", ylabel="bits per dimension", title="held-out bits/dim (EMA, upper bound)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def ignore_sigint(worker_id):
+    """Data loader processes leave Ctrl-C to the main process, which saves a checkpoint before it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def check_out(args):
+    """Refuse to overwrite a run's checkpoint, or to resume one that is not there (cheap: call it early)."""
+    path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file: pass a folder")
+    if args.resume and not os.path.isfile(path):
+        fail(f"--resume: no checkpoint at {path}; run without --resume to start, or point --out at an earlier run")
+    if not args.resume and os.path.exists(path):
+        fail(f"{path} exists: pass --resume to continue that run, or choose another --out")
+
+
+def resume(path, model, ema, optimizer, task):
+    """Load model, EMA and optimizer state from the checkpoint; returns (step, elapsed seconds, history)."""
+    try:
+        _, ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        fail(f"--resume: {e}")
+    if ckpt["config"] != asdict(model.cfg) or ckpt["layout"] != task.layout or ckpt["class_names"] != list(task.class_names) or "optimizer" not in ckpt:
+        fail(f"--resume: {path} was written by a different run (model size, data classes or --unconditional differ); use the same flags, or another --out")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"], ckpt["elapsed"], ckpt["history"]
+
+
+def train(args, task: Task) -> None:
+    rank, world, device = setup(args)
+    main = rank == 0
+    cuda = device.type == "cuda"
+    if not cuda and args.size != "tiny":
+        found = "no CUDA GPU found, so " if not torch.cuda.is_available() else ""
+        log(f"note: {found}the {args.size} model trains on the CPU, very slowly; --size tiny finishes in minutes")
+    check_out(args)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, log_path, plot_path = (os.path.join(args.out, name) for name in ("ckpt.pt", "log.csv", "loss.png"))
+
+    torch.manual_seed(args.seed)
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    seq_len, token_dim = layout_shape(task.layout)
+    cfg = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=len(task.class_names), **SIZES[args.size])
+    model = ADR(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [dict(params=matrices, weight_decay=args.weight_decay), dict(params=others, weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=cuda)
+    step, elapsed_before, history = 0, 0.0, []
+    if args.resume:
+        step, elapsed_before, history = resume(ckpt_path, model, ema, optimizer, task)
+        if step >= args.steps:
+            fail(f"--resume: {ckpt_path} is already at step {step}; pass a larger --steps to train further")
+        log(f"resuming from {ckpt_path} at step {step}")
+    if main:
+        write_log(log_path, history, append=False)
+    torch.manual_seed(args.seed + 1000 * rank + step)  # different noise per process, and after a resume
+
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(task.train_set, args.batch_size, sampler=sampler, num_workers=args.num_workers, pin_memory=cuda, drop_last=True, worker_init_fn=ignore_sigint, persistent_workers=args.num_workers > 0)
+    if len(loader) == 0:
+        fail(f"the training set has {len(task.train_set)} examples, fewer than one batch of {args.batch_size} per process: lower --batch-size")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    conditional = cfg.num_classes > 0
+    unit = "img/s" if task.layout["kind"] == "image" else "clips/s"
+    if task.test_set is None:
+        log("note: no test split, so the held-out loss and bits/dim are not measured")
+    classes = f"class-conditional ({cfg.num_classes} classes)" if conditional else "unconditional"
+    log(f"model: {args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {classes}, on {device}")
+    log(f"batch {args.batch_size} x {world} process{'es' if world > 1 else ''} = {args.batch_size * world} per step (effective), {args.steps} steps, {len(loader)} steps per epoch")
+
+    stop = []  # a Ctrl-C or SIGTERM lands here; the loop saves a checkpoint at the next step boundary
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def save():
+        plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        elapsed = elapsed_before + time.time() - start_time
+        save_checkpoint(ckpt_path, model, task.layout, task.class_names, ema=ema, step=step, optimizer=optimizer.state_dict(), history=history, elapsed=elapsed, args=plain_args)
+
+    def due(every):
+        return step == args.steps or (every > 0 and step % every == 0)
+
+    start_time = last_time = time.time()
+    last_step, loss_sum = step, torch.zeros((), device=device)
+    epoch, stopped = step // len(loader), False
+    try:
+        while step < args.steps and not stopped:
+            sampler.set_epoch(epoch)
+            epoch += 1
+            for x, y in loader:
+                if world > 1:  # every process stops at the same step
+                    flag = torch.tensor(float(bool(stop)), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stopped = flag.item() > 0
+                else:
+                    stopped = bool(stop)
+                if stopped or step == args.steps:
+                    break
+                lr = learning_rate(step, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                tokens = to_tokens(x.to(device, non_blocking=True), task.layout)
+                labels = y.to(device, non_blocking=True) if conditional else None
+                with autocast:
+                    loss = train_model(tokens, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))  # a short run averages fewer steps
+                step += 1
+                loss_sum += loss.detach().float()
+                if not main:
+                    continue
+
+                row, now = {}, time.time()
+                if now - last_time >= args.log_every or step == args.steps:
+                    row["train_loss"] = (loss_sum / (step - last_step)).item()
+                    rate = (step - last_step) * args.batch_size * world / (now - last_time)
+                    eta = (args.steps - step) * (now - last_time) / (step - last_step)
+                    log(f"step {step}/{args.steps} | loss {row['train_loss']:.4f} | lr {lr:.1e} | {rate:.0f} {unit} | eta {format_time(eta)}")
+                    last_time, last_step, loss_sum = now, step, torch.zeros((), device=device)
+                if task.test_set is not None and due(args.eval_every):
+                    row["test_loss"] = held_out_loss(ema, task, args, device, autocast)
+                    log(f"eval step {step} | test loss {row['test_loss']:.4f} (EMA weights, {min(args.eval_examples, len(task.test_set))} examples)")
+                if task.test_set is not None and due(args.eval_bpd_every):
+                    row["test_bpd"], row["test_bpd_stderr"] = held_out_bpd(ema, task, args, device)
+                    log(f"eval step {step} | test bits/dim {row['test_bpd']:.4f} ± {row['test_bpd_stderr']:.4f} (EMA weights, {min(args.bpd_examples, len(task.test_set))} examples)")
+                if row:
+                    row.update(step=step, lr=lr, elapsed_s=round(elapsed_before + time.time() - start_time, 1))
+                    history.append(row)
+                    write_log(log_path, [row], append=True)
+                    if "test_loss" in row or "test_bpd" in row or step == args.steps:
+                        plot_losses(history, plot_path)
+                if due(args.sample_every):
+                    with fixed_seed(device):
+                        task.save_samples(ema, args.out, step)
+                if due(args.ckpt_every):
+                    save()
+                last_time += time.time() - now  # time spent evaluating does not count towards the rate
+    except KeyboardInterrupt:
+        log(f"\ninterrupted again: quit without saving; {ckpt_path} holds the last periodic checkpoint, if any")
+        sys.exit(130)
+    finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+
+    if stopped:
+        if main:
+            save()
+            plot_losses(history, plot_path)
+            log(f"\nstopped at step {step}/{args.steps}: checkpoint saved to {ckpt_path}; continue with --resume")
+        if world > 1:
+            dist.destroy_process_group()
+        sys.exit(130)
+    log(f"done: {step} steps in {format_time(elapsed_before + time.time() - start_time)}; checkpoint {ckpt_path}, samples and loss.png in {args.out}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: reading, the two data sources, the sample grid
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_pixels(path, height, width):
+    """One image file -> uint8 RGB (3, H, W): centre-cropped to the aspect ratio, then resized."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.fit(image.convert("RGB"), (width, height), method=Image.Resampling.BICUBIC)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as an image ({e})") from None
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def load_image(path, height, width) -> torch.Tensor:
+    """One image file -> (3, H, W) in [-1, 1], resized/centre-cropped as the image-folder loader does."""
+    return read_pixels(path, height, width).float() / 127.5 - 1
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) in memory; items are (image in [-1, 1], label), flipped left-right at random when flip."""
+
+    def __init__(self, images, labels, flip):
+        self.images, self.labels, self.flip = images, torch.as_tensor(labels, dtype=torch.long), flip
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 127.5 - 1
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[i])
+
+
+def read_image_folder(folder, class_names, layout):
+    """Every image under folder/<class>/ -> (uint8 images, labels, [why each unreadable file was skipped])."""
+    files = []  # (path, label)
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(folder, name)
+        if os.path.isdir(class_dir):
+            files += [(os.path.join(class_dir, f), label) for f in sorted(os.listdir(class_dir)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+
+    def read(path):
+        try:
+            return read_pixels(path, layout["height"], layout["width"])
+        except ValueError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(8) as pool:  # threads overlap the file reads; decoding releases the GIL
+        pixels = list(pool.map(read, [path for path, _ in files]))
+    images = [p for p in pixels if isinstance(p, torch.Tensor)]
+    labels = [label for p, (_, label) in zip(pixels, files) if isinstance(p, torch.Tensor)]
+    return images, labels, [p for p in pixels if isinstance(p, str)]
+
+
+def image_folder_data(root, layout):
+    """(train set, test set or None, class names) from root/<class>/*, or root/train/<class>/* with an optional root/test/<class>/*."""
+    if not os.path.isdir(root):
+        fail(f"--image-folder {root}: no such folder; it should hold one sub-folder of images per class")
+    train_dir = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    class_names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)) and not d.startswith("."))
+    if not class_names:
+        fail(f"--image-folder {root}: no class sub-folders; put the images in {os.path.join(root, '<class>', '')} (png or jpg)")
+    log(f"reading images from {root} ...")
+    splits, skipped = [], []
+    for folder, flip in ((train_dir, True), (os.path.join(root, "test"), False)):
+        if folder == train_dir or os.path.isdir(folder):
+            images, labels, unreadable = read_image_folder(folder, class_names, layout)
+            skipped += unreadable
+            splits.append(ImageDataset(torch.stack(images), labels, flip) if images else None)
+        else:
+            splits.append(None)
+    if skipped:
+        warn(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''}, e.g. {skipped[0]}")
+    if splits[0] is None:
+        fail(f"--image-folder {root}: no readable images in {os.path.join(train_dir, '<class>', '')} (png or jpg)")
+    return splits[0], splits[1], class_names
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain values only, so files whose checksum was not verified cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batches(folder):
+    """Read cifar-10-batches-py without torchvision's checksums: (train images, train labels, test
+    images, test labels, class names), images uint8 (N, 3, 32, 32)."""
+
+    def load(name):
+        with open(os.path.join(folder, name), "rb") as f:
+            return NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+
+    def split(names):
+        batches = [load(name) for name in names]
+        images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        return torch.from_numpy(images), [int(label) for b in batches for label in b["labels"]]
+
+    try:
+        class_names = [str(name) for name in load("batches.meta")["label_names"]]
+        train_x, train_y = split([f"data_batch_{i}" for i in range(1, 6)])
+        test_x, test_y = split(["test_batch"])
+    except Exception as e:
+        raise ValueError(f"cannot read the CIFAR-10 batches in {folder} ({e}); delete that folder to download CIFAR-10 again") from None
+    return train_x, train_y, test_x, test_y, class_names
+
+
+def cifar10_data(root):
+    """(train set, test set, class names) of CIFAR-10 in root, downloaded by torchvision if it is not there.
+    Files that are there but fail torchvision's checksums are read anyway, with a warning."""
+    import torchvision
+
+    folder = os.path.join(root, "cifar-10-batches-py")
+    try:
+        train = torchvision.datasets.CIFAR10(root, train=True, download=not os.path.isdir(folder))
+        test = torchvision.datasets.CIFAR10(root, train=False)
+        data = (torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(), train.targets, torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(), test.targets, train.classes)
+    except Exception as e:
+        if not os.path.isdir(folder):
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            fail(f"could not download CIFAR-10 into {root} ({reason}). Without internet, put cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) or its extracted cifar-10-batches-py/ folder in {root} (see --data), or train on your own images with --image-folder DIR")
+        warn(f"the CIFAR-10 files in {folder} do not match torchvision's checksums; reading them anyway")
+        try:
+            data = read_cifar_batches(folder)
+        except ValueError as e:
+            fail(str(e))
+    train_x, train_y, test_x, test_y, class_names = data
+    return ImageDataset(train_x, train_y, flip=True), ImageDataset(test_x, test_y, flip=False), class_names
+
+
+def save_image_grid(images, path, nrow, scale=4) -> None:
+    """images (N, C, H, W) in [-1, 1] -> a PNG grid with nrow images per row, upscaled by `scale` (nearest neighbour)."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1)
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+
+
+def sample_grid_writer(args, layout, class_names, per_row=10):
+    """save_samples for a Task: a grid with one row of samples per class (10 x 10 when unconditional)."""
+
+    def save_samples(model, out_dir, step):
+        device = model.pos_emb.device
+        labels = torch.arange(len(class_names), device=device).repeat_interleave(per_row) if class_names else None
+        n = len(labels) if class_names else per_row * per_row
+        tokens = model.sample(n, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale if class_names else 1.0)
+        path = os.path.join(out_dir, f"samples_{step:06d}.png")
+        save_image_grid(from_tokens(tokens.float(), layout), path, nrow=per_row)
+        log(f"samples: {path}" + (f" (rows: {', '.join(class_names)})" if class_names else ""))
+
+    return save_samples
+
+
+def main(argv=None):
+    parser = common_parser("Train ADR on CIFAR-10 (downloaded to --data) or on a folder of images.", default_out="out/image")
+    parser.add_argument("--image-folder", metavar="DIR", help="train on DIR/<class>/*.png|jpg (or DIR/train/<class>/... with an optional DIR/test/) instead of CIFAR-10")
+    parser.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=100, help="reverse diffusion steps per token for the sample grids")
+    parser.add_argument("--cfg-scale", type=number(float, 0), default=3.0, help="classifier-free guidance scale for the sample grids (1: none)")
+    args = parser.parse_args(argv)
+    setup(args)
+    check_out(args)
+    layout = image_layout()
+    if args.image_folder:
+        train_set, test_set, class_names = rank_zero_first(args, lambda: image_folder_data(args.image_folder, layout))
+        source = args.image_folder
+    else:
+        train_set, test_set, class_names = rank_zero_first(args, lambda: cifar10_data(args.data))
+        source = f"CIFAR-10 in {args.data}"
+    test = f", {len(test_set)} test" if test_set is not None else ""
+    log(f"data: {source}: {len(train_set)} train{test} images, {len(class_names)} classes")
+    if args.unconditional:
+        class_names = []
+    train(args, Task(train_set, test_set, layout, class_names, sample_grid_writer(args, layout, class_names)))
+
+
+if __name__ == "__main__":
+    main()
