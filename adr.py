@@ -121,7 +121,7 @@ class MultiScaleRetention(nn.Module):
 
     def forward(self, x, form="parallel", state=None, pos=0, chunk_size=64):
         """x: (B, L, d_model), the tokens at positions pos .. pos+L-1. Returns (output, state): the
-        state summarises every token seen so far (None after the parallel form)."""
+        state summarises every token seen so far (the parallel form starts from none and returns None)."""
         B, L, _ = x.shape
         heads = lambda t: t.view(B, L, self.n_head, self.d_head).transpose(1, 2)  # noqa: E731
         q = self.rotate(heads(self.q_proj(x)), pos)
@@ -147,7 +147,8 @@ class MultiScaleRetention(nn.Module):
 
 
 class RetNetBlock(nn.Module):
-    """Y = MSR(LN(X)) + X;  X' = FFN(LN(Y)) + Y, with a gated (SwiGLU) FFN (RetNet eq. 9)."""
+    """Y = MSR(LN(X)) + X;  X' = FFN(LN(Y)) + Y (RetNet eq. 9). The FFN is gated (SwiGLU) here, where the
+    paper uses a GELU MLP."""
 
     def __init__(self, d_model, n_head):
         super().__init__()
@@ -186,7 +187,7 @@ class Diffusion:
     def make(cls, steps=1000, schedule="cosine"):
         if schedule == "linear":  # DDPM: beta from 1e-4 to 0.02 (scaled for T != 1000)
             betas = torch.linspace(1e-4 * 1000 / steps, 0.02 * 1000 / steps, steps, dtype=torch.float64)
-            return cls(torch.cumprod(1 - betas, 0))
+            return cls(torch.cumprod(1 - betas.clamp(max=0.999), 0))
         if schedule == "cosine":  # improved DDPM: alpha_bar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2)
             f = torch.cos((torch.arange(steps + 1, dtype=torch.float64) / steps + 0.008) / 1.008 * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
@@ -200,7 +201,7 @@ class Diffusion:
         """K evenly spaced steps with the same alpha_bar there, so beta_i = 1 - alpha_bar[kept_i] / alpha_bar[kept_{i-1}]."""
         if not 1 <= k <= len(self):
             raise ValueError(f"sampling steps must be between 1 and {len(self)}, got {k}")
-        kept = torch.linspace(0, len(self) - 1, k, dtype=torch.float64).round().long().unique()
+        kept = torch.linspace(len(self) - 1, 0, k, dtype=torch.float64).round().long().unique()  # always keeps t = T
         return Diffusion(self.alpha_bar[kept], self.timesteps[kept])
 
     def q_sample(self, x0, t, noise):
@@ -212,7 +213,7 @@ class Diffusion:
         """x_{t-1} = (x_t - (1-alpha_t)/sqrt(1-alpha_bar_t) eps_theta) / sqrt(alpha_t) + sigma_t z (DDPM Alg. 2),
         with sigma_t^2 = beta~_t; no noise on the last step. `i` indexes this (possibly respaced) schedule.
         With clip, the same mean is taken through the predicted x_0 clamped to [-1, 1]: near t = T,
-        1/sqrt(alpha_t) is in the hundreds and would blow up any error of eps_theta."""
+        1/sqrt(alpha_t) is 32 (316 with 100 respaced steps) and would blow up any error of eps_theta."""
         alpha, alpha_bar = self.alphas[i].item(), self.alpha_bar[i].item()
         if clip:  # the posterior mean mu~(x_t, x_0) (DDPM eq. 7) at x_0 = (x_t - sqrt(1-alpha_bar) eps) / sqrt(alpha_bar), clamped
             alpha_bar_prev = self.alpha_bar[i - 1].item() if i > 0 else 1.0
@@ -346,10 +347,10 @@ class ADR(nn.Module):
         for i in reversed(range(len(diffusion))):
             t = torch.full((z.shape[0],), int(diffusion.timesteps[i]), device=z.device)
             if cfg_scale != 1.0:
-                eps_c, eps_u = self.head(torch.cat([x, x]), t, z).chunk(2)
+                eps_c, eps_u = self.head(torch.cat([x, x]), t, z).to(x.dtype).chunk(2)
                 eps = eps_u + cfg_scale * (eps_c - eps_u)
             else:
-                eps = self.head(x, t, z)
+                eps = self.head(x, t, z).to(x.dtype)
             x = diffusion.p_step(x, i, eps, temperature * torch.randn_like(x), clip=self.cfg.clip_x0)
         return x
 
@@ -364,6 +365,9 @@ class ADR(nn.Module):
         guided = cfg_scale != 1.0
         if guided and (labels is None or cfg.num_classes == 0):
             raise ValueError("classifier-free guidance needs class labels")
+        if prompt is not None and (prompt.shape[0] != n or prompt.shape[1] >= cfg.seq_len or prompt.shape[2] != cfg.token_dim):
+            raise ValueError(f"prompt must be (n={n}, P < {cfg.seq_len}, {cfg.token_dim}), got {tuple(prompt.shape)}")
+        labels = None if labels is None else labels.to(device)
         if guided:  # conditional rows, then the same rows with the null class
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
         dtype = self.pos_emb.dtype
@@ -427,7 +431,7 @@ def token_nll(x0, lo, hi, eps_fn, diffusion, t_draws=1):
 
 @torch.no_grad()
 def bits_per_dim(model, tokens, labels, layout, t_draws=1):
-    """Per-example upper bound on -log2 p(x) / dims: the chain rule over tokens, each token's bound from
+    """Per-example estimate (unbiased) of an upper bound on -log2 p(x) / dims: the chain rule over tokens, each token's bound from
     token_nll with z_i from the true earlier tokens. Returns a (B,) tensor; average it and report its
     standard error."""
     z = model.condition(tokens, labels).float()
@@ -449,7 +453,7 @@ def bits_per_dim(model, tokens, labels, layout, t_draws=1):
 def patchify(images, p):
     """(B, C, H, W) -> (B, H/p * W/p, p*p*C), patches in raster order (left to right, top to bottom)."""
     B, C, H, W = images.shape
-    x = images.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
@@ -543,14 +547,19 @@ def load_checkpoint(path, device="cpu", use_ema=True):
         raise CheckpointError(f"no checkpoint at {path}: pass the ckpt.pt written by train_image.py or train_audio.py")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
     except Exception as e:
         code = "GLOBAL" in str(e)  # the pickle names a function or class: loading it could run code
         why = "it holds objects other than tensors and plain values, refused for safety" if code else "it could not be read as a torch file"
         raise CheckpointError(f"{path} is not an adr checkpoint: {why}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an adr checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    model = ADR(ADRConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
+    try:
+        model = ADR(ADRConfig(**ckpt["config"])).to(device)
+        model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not match this adr.py (config or weights differ: {str(e).splitlines()[0]})") from None
     return model.eval(), ckpt
 
 
@@ -564,10 +573,11 @@ def check_equivalence(dtype=torch.float64, length=24, seed=0, verbose=False):
     sizes 1, a divisor of L, L and a non-divisor; assert max|diff| / max|output| is within 1e-10
     (float64) or 1e-5 (float32). Returns {name: relative difference}."""
     tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+    with torch.random.fork_rng(devices=[]):  # random weights, without touching the caller's random state
+        torch.manual_seed(seed)
+        layer = MultiScaleRetention(32, 4).to(dtype)
+        model = ADR(ADRConfig(token_dim=6, seq_len=length + 1, num_classes=3, **SIZES["tiny"])).to(dtype)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    layer = MultiScaleRetention(32, 4).to(dtype)
-    model = ADR(ADRConfig(token_dim=6, seq_len=length + 1, num_classes=3, **SIZES["tiny"])).to(dtype)
     x = torch.randn(2, length, 32, generator=gen, dtype=dtype)
     h = model.embed(torch.randn(2, length - 1, 6, generator=gen, dtype=dtype), torch.tensor([0, 2]), True)
     runs = {"retention": lambda form, c: layer(x, form, chunk_size=c)[0], "backbone": lambda form, c: model.backbone(h, form, chunk_size=c)[0]}

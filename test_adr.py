@@ -276,6 +276,21 @@ def test_recurrent_sampling_equals_parallel_recompute(cfg_scale):
     assert not torch.allclose(other[:, 1:], recurrent[:, 1:])
 
 
+def test_bad_prompts_and_cpu_labels():
+    model = tiny_model().eval()
+    for shape in ((2, 10, 6), (2, 11, 6), (3, 4, 6), (2, 4, 5)):  # full length, too long, wrong n, wrong width
+        with pytest.raises(ValueError, match="prompt must be"):
+            model.sample(2, torch.tensor([0, 1]), steps=2, prompt=torch.zeros(shape))
+    assert model.sample(1, torch.tensor([2]), steps=1, prompt=torch.zeros(1, 9, 6)).shape == (1, 10, 6)
+
+
+def test_linear_schedule_stays_valid_for_few_steps():
+    for steps in (10, 20, 50):
+        alpha_bar = Diffusion.make(steps, "linear").alpha_bar
+        assert (alpha_bar > 0).all() and (alpha_bar[1:] < alpha_bar[:-1]).all()
+    assert Diffusion.make(1000).respaced(1).timesteps.tolist() == [999]  # one step starts from t = T
+
+
 def test_prompt_is_kept_and_prefilled_like_recurrent():
     model = randomise_head(tiny_model(dtype=torch.float64).eval())
     torch.manual_seed(0)
@@ -348,7 +363,9 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
 def test_wrong_files_give_a_clear_error(tmp_path):
     (tmp_path / "random.pt").write_bytes(os.urandom(1000))
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    for name, message in (("random.pt", "could not be read"), ("other.pt", "marker"), ("missing.pt", "no checkpoint at")):
+    ckpt = {"format": adr.CHECKPOINT_FORMAT, "config": {"no_such_field": 1}, "model": {}}
+    torch.save(ckpt, tmp_path / "future.pt")  # an adr checkpoint this adr.py cannot build
+    for name, message in (("random.pt", "could not be read"), ("other.pt", "marker"), ("missing.pt", "no checkpoint at"), ("future.pt", "does not match this adr.py")):
         with pytest.raises(adr.CheckpointError, match=message):
             adr.load_checkpoint(tmp_path / name)
 
