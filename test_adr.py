@@ -1,4 +1,4 @@
-"""Tests for adr: `python -m pytest -q` (CPU, a few minutes on 2 cores). Tiny models throughout;
+"""Tests for adr: `python -m pytest -q` (CPU only, about 75 s on 2 cores). Tiny models throughout;
 the data the loaders read is written by the tests in the real on-disk formats."""
 
 import csv
