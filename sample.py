@@ -180,7 +180,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tokens, seconds = timed_sample(model, n * len(classes), labels, prompt, steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale, mode=args.mode)
     total, count = seconds["total"], tokens.shape[0]
-    what = f"{count} {'images' if kind == 'image' else 'clips'} of {cfg.seq_len} tokens" + (f" ({kept} from the prompt)" if kept else "")
+    what = f"{count} {'image' if kind == 'image' else 'clip'}{'s' if count > 1 else ''} of {cfg.seq_len} tokens" + (f" ({kept} from the prompt)" if kept else "")
     print(f"sampled {what} in {total:.2f} s ({args.mode} mode, cfg {cfg_scale:g}): {total / count:.3f} s/sample, {count * (cfg.seq_len - kept) / total:.0f} tokens/s; "
           f"backbone {100 * seconds['backbone'] / total:.0f}%, diffusion head {100 * seconds['head'] / total:.0f}%")
 

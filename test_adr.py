@@ -537,6 +537,22 @@ def test_image_folder_skips_unreadable_files(image_dir, capsys):
     # a flat DIR/<class>/ folder: no test split
     flat_train, flat_test, flat_names = train_image.image_folder_data(str(image_dir / "train"), LAYOUT)
     assert len(flat_train) == 12 and flat_test is None and flat_names == ["cat", "ship"]
+    # a flat folder with a test/ sub-folder: test/ is the test split, not a class
+    for name in ("cat", "ship"):
+        os.rename(image_dir / "train" / name, image_dir / name)
+    (image_dir / "train").rmdir()
+    flat_train, flat_test, flat_names = train_image.image_folder_data(str(image_dir), LAYOUT)
+    assert flat_names == ["cat", "ship"] and len(flat_train) == 12 and len(flat_test) == 4
+
+
+def test_held_out_examples_span_the_classes():
+    """Test sets are often stored class by class: the held-out subset must not be the first class only."""
+    images = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
+    task = train_image.Task(train_image.ImageDataset(images, [0] * 20, True), train_image.ImageDataset(images, [0] * 10 + [1] * 10 + [2] * 20, False), LAYOUT, ["a", "b", "c"], None)
+    labels = torch.cat([y for _, y in train_image.held_out_batches(task, 12, 5, torch.device("cpu"))])
+    assert len(labels) == 12 and set(labels.tolist()) == {0, 1, 2}
+    again = torch.cat([y for _, y in train_image.held_out_batches(task, 12, 5, torch.device("cpu"))])
+    assert torch.equal(labels, again)  # the same examples at every evaluation
 
 
 def test_image_folder_bad_input(tmp_path, capsys):
@@ -664,7 +680,8 @@ def test_bits_per_dim_bound_for_a_conditional_model(image_dir):
     mean, stderr = train_image.held_out_bpd(model, task, args, torch.device("cpu"))
     with torch.random.fork_rng():  # the same draws as held_out_bpd's, computed directly
         torch.manual_seed(0)
-        x, y = zip(*(test_set[i] for i in range(3)))
+        chosen = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:3].tolist()  # held_out_batches' subset
+        x, y = zip(*(test_set[i] for i in chosen))
         tokens, labels = adr.to_tokens(torch.stack(x), LAYOUT), torch.tensor(y)
         direct = torch.cat([adr.bits_per_dim(model, tokens[:2], labels[:2], LAYOUT), adr.bits_per_dim(model, tokens[2:], labels[2:], LAYOUT)]).double()
     direct += math.log2(2) / 3072  # + log2(classes) / dims: a bound on the unconditional -log2 p(x) / dims

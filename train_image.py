@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Callable, NoReturn
 
 import numpy as np
@@ -158,11 +159,14 @@ def setup(args):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             fail("--device cuda, but PyTorch finds no CUDA GPU here: use --device cpu (with --size tiny)")
+        if (device.index or 0) >= torch.cuda.device_count():
+            fail(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA GPUs here")
         if world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # a long timeout: the other processes wait while rank 0 downloads and decodes the dataset
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return rank, world, device
 
 
@@ -201,10 +205,11 @@ def fixed_seed(device, seed=0):
 
 
 def held_out_batches(task, count, batch_size, device):
-    """(tokens, labels or None) for the first `count` examples of the test split, in batches."""
-    n = min(count, len(task.test_set))
-    for start in range(0, n, batch_size):
-        x, y = zip(*(task.test_set[i] for i in range(start, min(start + batch_size, n))))
+    """(tokens, labels or None) for `count` test examples, in batches: the same random subset every time
+    (test sets are often stored class by class, so the first `count` could all be one class)."""
+    chosen = torch.randperm(len(task.test_set), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    for start in range(0, len(chosen), batch_size):
+        x, y = zip(*(task.test_set[i] for i in chosen[start : start + batch_size]))
         yield to_tokens(torch.stack(x).to(device), task.layout), torch.tensor(y, device=device) if task.class_names else None
 
 
@@ -441,7 +446,7 @@ def train(args, task: Task) -> None:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 
-    if stopped:
+    if stopped and step < args.steps:  # a stop that lands after the last step is just the end
         if main:
             save()
             plot_losses(history, plot_path)
@@ -518,12 +523,13 @@ def image_folder_data(root, layout):
     if not os.path.isdir(root):
         fail(f"--image-folder {root}: no such folder; it should hold one sub-folder of images per class")
     train_dir = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
-    class_names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)) and not d.startswith("."))
+    test_dir = os.path.join(root, "test")  # DIR/test/ is the test split, never a class
+    class_names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)) and not d.startswith(".") and os.path.join(train_dir, d) != test_dir)
     if not class_names:
         fail(f"--image-folder {root}: no class sub-folders; put the images in {os.path.join(root, '<class>', '')} (png or jpg)")
     log(f"reading images from {root} ...")
     splits, skipped = [], []
-    for folder, flip in ((train_dir, True), (os.path.join(root, "test"), False)):
+    for folder, flip in ((train_dir, True), (test_dir, False)):
         if folder == train_dir or os.path.isdir(folder):
             images, labels, unreadable = read_image_folder(folder, class_names, layout)
             skipped += unreadable
