@@ -25,16 +25,11 @@ import torch
 
 from adr import CheckpointError, from_tokens, layout_shape, load_checkpoint, to_tokens
 from train_audio import prepare_clip, read_wav, save_spectrograms, write_wav
-from train_image import fail, load_image, number, save_image_grid
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, instead of the usage text
-        fail(f"{message} (see --help)")
+from train_image import OneLineErrors, fail, load_image, number, pick_device, save_image_grid
 
 
 def parse_args(argv=None):
-    parser = Parser(description="Sample images or audio from an ADR checkpoint.")
+    parser = OneLineErrors(description="Sample images or audio from an ADR checkpoint.")
     parser.add_argument("--ckpt", required=True, help="ckpt.pt written by train_image.py or train_audio.py")
     parser.add_argument("--out", default=None, help="output folder (default: samples/ next to the checkpoint)")
     parser.add_argument("--n", type=number(int, 1), default=None, help="samples per class, or in all for an unconditional model (default: 10 for images, 1 for audio)")
@@ -49,18 +44,6 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu (default: cuda when there is a GPU)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights when the checkpoint has them (default: yes)")
     return parser.parse_args(argv)
-
-
-def pick_device(name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"--device {name!r} is not a device; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        fail(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPUs here")
-    return device
 
 
 def pick_classes(args, cfg, class_names):

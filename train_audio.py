@@ -34,8 +34,8 @@ import torch
 import torchaudio
 from torch.utils.data import Dataset
 
-from adr import ADRConfig, audio_layout, from_tokens
-from train_image import Task, check_out, common_parser, fail, log, number, rank_zero_first, setup, train, warn
+from adr import audio_layout, from_tokens
+from train_image import Task, check_out, common_parser, fail, log, rank_zero_first, setup, train, warn
 
 SAMPLE_RATE = 16000
 CLIP_LENGTH = 16000  # 1 s
@@ -280,8 +280,6 @@ def main(argv=None):
     parser = common_parser("Train ADR on spoken words: Speech Commands (downloaded to --data) or a folder of WAVs.", default_out=os.path.join("out", "audio"))
     parser.add_argument("--audio-folder", metavar="DIR", help="train on DIR/<word>/*.wav instead of Speech Commands")
     parser.add_argument("--words", help="comma-separated classes (default: zero..nine for Speech Commands, every sub-folder for --audio-folder)")
-    parser.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=100, help="reverse diffusion steps per token for the sample WAVs")
-    parser.add_argument("--cfg-scale", type=number(float, 0), default=3.0, help="classifier-free guidance scale for the sample WAVs (1: none)")
     args = parser.parse_args(argv)
     setup(args)
     check_out(args)

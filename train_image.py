@@ -62,11 +62,15 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors, and the defaults of SIZE_DEFAULTS filled in for the chosen --size."""
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit code 2 (sample.py uses it too)."""
 
     def error(self, message):
         fail(f"{message} (see --help)")
+
+
+class Parser(OneLineErrors):
+    """The training scripts' parser: the defaults of SIZE_DEFAULTS filled in for the chosen --size."""
 
     def parse_args(self, args=None, namespace=None):
         args = super().parse_args(args, namespace)
@@ -129,6 +133,8 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     per_size("eval_examples", int, 1, "test examples for the held-out loss")
     per_size("eval_bpd_every", int, 0, "steps between bits/dim measurements on the test split (0: at the end only)")
     per_size("bpd_examples", int, 1, "test examples for bits/dim")
+    p.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=100, help="reverse diffusion steps per token for the sample files")
+    p.add_argument("--cfg-scale", type=number(float, 0), default=3.0, help="classifier-free guidance scale for the sample files (1: none)")
     p.add_argument("--num-workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="data loader processes")
     return p
 
@@ -148,22 +154,27 @@ class Task:
     save_samples: Callable[[ADR, str, int], None]  # (model in eval mode, out_dir, step) -> writes sample files
 
 
+def pick_device(name):
+    """--device as a torch.device, or one line that says what is wrong (sample.py uses it too)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: PyTorch finds no CUDA GPU here; use --device cpu (and --size tiny to train)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPUs here")
+    return device
+
+
 def setup(args):
     """Start the process group under torchrun (NCCL on GPU, gloo on CPU) and pick this process's device.
     Returns (rank, world_size, device); calling it again returns the same."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown --device {args.device!r}: use cuda or cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            fail("--device cuda, but PyTorch finds no CUDA GPU here: use --device cpu (with --size tiny)")
-        if (device.index or 0) >= torch.cuda.device_count():
-            fail(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA GPUs here")
-        if world > 1:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
+    device = pick_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         # a long timeout: the other processes wait while rank 0 downloads and decodes the dataset
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
@@ -627,8 +638,6 @@ def sample_grid_writer(args, layout, class_names, per_row=10):
 def main(argv=None):
     parser = common_parser("Train ADR on CIFAR-10 (downloaded to --data) or on a folder of images.", default_out="out/image")
     parser.add_argument("--image-folder", metavar="DIR", help="train on DIR/<class>/*.png|jpg (or DIR/train/<class>/... with an optional DIR/test/) instead of CIFAR-10")
-    parser.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=100, help="reverse diffusion steps per token for the sample grids")
-    parser.add_argument("--cfg-scale", type=number(float, 0), default=3.0, help="classifier-free guidance scale for the sample grids (1: none)")
     args = parser.parse_args(argv)
     setup(args)
     check_out(args)
