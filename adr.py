@@ -2,25 +2,25 @@
 ADR: Autoregressive Diffusion with Retention, in one file.
 
 A causal RetNet reads the tokens generated so far and emits a conditioning vector z_i for token i;
-a small MLP denoiser turns Gaussian noise into token i with the DDPM reverse chain, conditioned on
-z_i. Training runs retention in its parallel form over the whole sequence; sampling runs it in its
-recurrent form, one token at a time with an O(1) state; the chunkwise form joins the two for long
-prompts. All three compute the same function, and `check_equivalence()` asserts it.
+a small diffusion head (an MLP denoiser with adaptive LayerNorm, as in MAR) turns Gaussian noise into
+token i with the DDPM reverse chain, conditioned on z_i. Training runs retention in its parallel form
+over the whole sequence; sampling runs it in its recurrent form, one token at a time with an O(1)
+state; the chunkwise form joins the two for long prompts. All three compute the same function, and
+`check_equivalence()` asserts it.
 
 Only torch and the standard library are imported, and importing has no side effects, so this file
 can be copied alone into another project. `python adr.py` runs the equivalence check.
 """
 
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
-# Configuration
+# Configuration: the defaults are the base size (one GPU); SIZES holds what other sizes change.
 
 
 @dataclass
@@ -40,10 +40,9 @@ class ADRConfig:
     clip_x0: bool = True  # tokens lie in [-1, 1]: clamp the predicted x_0 in each sampling step
 
 
-# Model sizes: "tiny" for CPU tests and quick runs, "base" for one GPU.
 SIZES = {
-    "tiny": dict(d_model=64, n_layer=2, n_head=2, head_width=256, head_depth=2),  # head wider than a 160-value audio token
-    "base": dict(d_model=512, n_layer=8, n_head=4, head_width=1024, head_depth=6),
+    "base": {},  # ADRConfig's defaults
+    "tiny": dict(d_model=64, n_layer=2, n_head=2, head_width=256, head_depth=2),  # CPU; head wider than 160 values
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -78,11 +77,12 @@ def retention_chunkwise(q, k, v, log_gamma, state, chunk_size):
     outputs = []
     for start in range(0, q.shape[2], chunk_size):
         qc, kc, vc = (t[:, :, start : start + chunk_size] for t in (q, k, v))
-        j = torch.arange(qc.shape[2], device=q.device, dtype=log_gamma.dtype)[:, None]
+        size = qc.shape[2]
+        j = torch.arange(size, device=q.device, dtype=log_gamma.dtype)[:, None]
         decay = lambda power: (power * log_gamma[:, None, None]).exp().to(q.dtype)  # noqa: E731
         inner = retention_parallel(qc, kc, vc, log_gamma)
         cross = (qc @ state.to(q.dtype)) * decay(j + 1)  # (Q_i R_{i-1}) ⊙ xi
-        state = (qc.shape[2] * log_gamma).exp()[:, None, None] * state + kc.transpose(-1, -2) @ (vc * decay(qc.shape[2] - 1 - j))
+        state = (size * log_gamma).exp()[:, None, None] * state + kc.transpose(-1, -2) @ (vc * decay(size - 1 - j))
         outputs.append(inner + cross)
     return torch.cat(outputs, dim=2), state
 
@@ -128,8 +128,8 @@ class MultiScaleRetention(nn.Module):
         k = self.rotate(heads(self.k_proj(x)), pos) * self.d_head**-0.5  # scale k by 1/sqrt(d)
         v = heads(self.v_proj(x))
         log_gamma = self.log_gamma(q)
-        if state is None and form != "parallel":
-            state = q.new_zeros(B, self.n_head, self.d_head, self.d_head, dtype=log_gamma.dtype)  # kept in float32+
+        if state is None and form != "parallel":  # the state is kept in float32 or better
+            state = q.new_zeros(B, self.n_head, self.d_head, self.d_head, dtype=log_gamma.dtype)
         if form == "parallel":
             o = retention_parallel(q, k, v, log_gamma)
         elif form == "chunkwise":
@@ -137,7 +137,7 @@ class MultiScaleRetention(nn.Module):
         elif form == "recurrent":
             steps = []
             for n in range(L):
-                o_n, state = retention_recurrent(q[:, :, n : n + 1], k[:, :, n : n + 1], v[:, :, n : n + 1], log_gamma, state)
+                o_n, state = retention_recurrent(*(t[:, :, n : n + 1] for t in (q, k, v)), log_gamma, state)
                 steps.append(o_n)
             o = torch.cat(steps, dim=2)
         else:
@@ -170,9 +170,9 @@ class RetNetBlock(nn.Module):
 
 
 class Diffusion:
-    """The noise schedule (alpha_bar_t, hence beta_t), with the forward process q(x_t|x_0) and the reverse step p(x_{t-1}|x_t).
-    A respaced schedule keeps K of the T steps (`timesteps` holds their original indices, which are
-    what the denoiser is told)."""
+    """The noise schedule (alpha_bar_t, hence beta_t), the forward process q(x_t|x_0) and the reverse
+    step p(x_{t-1}|x_t). A respaced schedule keeps K of the T steps (`timesteps` holds their original
+    indices, which are what the denoiser is told)."""
 
     def __init__(self, alpha_bar, timesteps=None):
         self.alpha_bar = alpha_bar.double()  # alpha_bar_t = prod_{s<=t} alpha_s
@@ -198,10 +198,10 @@ class Diffusion:
         return len(self.betas)
 
     def respaced(self, k):
-        """K evenly spaced steps with the same alpha_bar there, so beta_i = 1 - alpha_bar[kept_i] / alpha_bar[kept_{i-1}]."""
+        """K evenly spaced steps with the same alpha_bar there: beta_i = 1 - alpha_bar[kept_i] / alpha_bar[kept_i-1]."""
         if not 1 <= k <= len(self):
             raise ValueError(f"sampling steps must be between 1 and {len(self)}, got {k}")
-        kept = torch.linspace(len(self) - 1, 0, k, dtype=torch.float64).round().long().unique()  # always keeps t = T
+        kept = torch.linspace(len(self) - 1, 0, k, dtype=torch.float64).round().long().unique()  # keeps t = T
         return Diffusion(self.alpha_bar[kept], self.timesteps[kept])
 
     def q_sample(self, x0, t, noise):
@@ -215,17 +215,19 @@ class Diffusion:
         With clip, the same mean is taken through the predicted x_0 clamped to [-1, 1]: near t = T,
         1/sqrt(alpha_t) is 32 (316 with 100 respaced steps) and would blow up any error of eps_theta."""
         alpha, alpha_bar = self.alphas[i].item(), self.alpha_bar[i].item()
-        if clip:  # the posterior mean mu~(x_t, x_0) (DDPM eq. 7) at x_0 = (x_t - sqrt(1-alpha_bar) eps) / sqrt(alpha_bar), clamped
+        if clip:  # the posterior mean mu~(x_t, x_0) (DDPM eq. 7) at the clamped x_0 = (x_t - sqrt(1-a) eps) / sqrt(a)
             alpha_bar_prev = self.alpha_bar[i - 1].item() if i > 0 else 1.0
             x0 = ((x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)).clamp(-1, 1)
-            mean = (math.sqrt(alpha_bar_prev) * (1 - alpha) * x0 + math.sqrt(alpha) * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar)
+            mean = (math.sqrt(alpha_bar_prev) * (1 - alpha) * x0 + math.sqrt(alpha) * (1 - alpha_bar_prev) * x_t)
+            mean = mean / (1 - alpha_bar)
         else:
             mean = (x_t - (1 - alpha) / math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha)
         return mean + math.sqrt(self.posterior_var[i].item()) * noise if i > 0 else mean
 
 
 # ----------------------------------------------------------------------------------------------
-# Denoiser: a per-token MLP with adaptive LayerNorm, as in MAR's diffusion head.
+# The diffusion head: a per-token MLP denoiser with adaptive LayerNorm (MAR's SimpleMLPAdaLN, DiT's
+# adaLN-Zero), and DiffusionHead = denoiser + schedule, with the training loss and the reverse chain.
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -235,70 +237,122 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([angle.cos(), angle.sin()], dim=-1)
 
 
-class AdaLNBlock(nn.Module):
+class ResBlock(nn.Module):
     """h + gate * MLP(LN(h) * (1 + scale) + shift), with (shift, scale, gate) from the condition c."""
 
     def __init__(self, width):
         super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.in_ln = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
-        nn.init.zeros_(self.modulation[1].weight), nn.init.zeros_(self.modulation[1].bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        nn.init.zeros_(self.adaLN_modulation[1].weight), nn.init.zeros_(self.adaLN_modulation[1].bias)
 
     def forward(self, h, c):
-        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)
-        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+        shift, scale, gate = self.adaLN_modulation(c).chunk(3, dim=-1)
+        return h + gate * self.mlp(self.in_ln(h) * (1 + scale) + shift)
+
+
+class FinalLayer(nn.Module):
+    """LN(h) * (1 + scale) + shift, then a linear map to the token; modulation and output start at zero."""
+
+    def __init__(self, width, token_dim):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, token_dim)
+        for layer in (self.adaLN_modulation[1], self.linear):
+            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+
+    def forward(self, h, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(self.norm_final(h) * (1 + scale) + shift)
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_t, t, z): predicts the noise in one token from the noisy token, its own time step
-    and the backbone's conditioning vector z. Modulation and output start at zero (adaLN-Zero)."""
+    """eps_theta(x_t, t, z): predicts the noise in one token from the noisy token, its time step and the
+    backbone's conditioning vector z."""
 
     def __init__(self, token_dim, cond_dim, width, depth):
         super().__init__()
         self.input_proj = nn.Linear(token_dim, width)
         self.time_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.cond_embed = nn.Linear(cond_dim, width)
-        self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.output_proj = nn.Linear(width, token_dim)
-        for layer in (self.final_modulation[1], self.output_proj):
-            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+        self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
+        self.final_layer = FinalLayer(width, token_dim)
 
     def forward(self, x_t, t, z):
         c = self.time_embed(timestep_embedding(t, 256).to(x_t.dtype)) + self.cond_embed(z)
         h = self.input_proj(x_t)
-        for block in self.blocks:
+        for block in self.res_blocks:
             h = block(h, c)
-        shift, scale = self.final_modulation(c).chunk(2, dim=-1)
-        return self.output_proj(self.final_norm(h) * (1 + scale) + shift)
+        return self.final_layer(h, c)
+
+
+class DiffusionHead(nn.Module):
+    """Draws one token given its condition z (MAR's DiffLoss): `loss` trains eps_theta, `sample` runs the
+    reverse chain."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.net = Denoiser(config.token_dim, config.d_model, config.head_width, config.head_depth)
+        self.diffusion = Diffusion.make(config.diffusion_steps, config.schedule)
+        self.respaced = {}  # steps -> respaced schedule
+
+    def loss(self, x0, z):
+        """E ||eps - eps_theta(x_t, t, z)||^2 (DDPM eq. 14) for tokens x0 (N, D) with conditions z (N, d),
+        one t per token, diffusion_batch_mul draws of (t, eps) per token to amortise the backbone."""
+        m = self.config.diffusion_batch_mul
+        x0, z = x0.repeat(m, 1), z.repeat(m, 1)
+        t = torch.randint(0, len(self.diffusion), x0.shape[:1], device=x0.device)
+        noise = torch.randn_like(x0)
+        eps = self.net(self.diffusion.q_sample(x0, t, noise), t, z)
+        return F.mse_loss(eps.float(), noise.float())
+
+    def sample(self, z, steps=100, temperature=1.0, cfg_scale=1.0):
+        """One token per row of z with a `steps`-step reverse chain. With guidance (cfg_scale != 1), z holds
+        the conditional rows, then the unconditional rows: eps = eps_u + w (eps_c - eps_u). Temperature
+        scales the noise added at each step."""
+        if steps not in self.respaced:
+            self.respaced[steps] = self.diffusion.respaced(steps)
+        diffusion = self.respaced[steps]
+        guided = cfg_scale != 1.0
+        n = z.shape[0] // 2 if guided else z.shape[0]
+        x = torch.randn(n, self.config.token_dim, device=z.device, dtype=z.dtype)
+        for i in reversed(range(len(diffusion))):
+            t = torch.full((z.shape[0],), int(diffusion.timesteps[i]), device=z.device)
+            if guided:
+                eps_c, eps_u = self.net(torch.cat([x, x]), t, z).to(x.dtype).chunk(2)
+                eps = eps_u + cfg_scale * (eps_c - eps_u)  # classifier-free guidance
+            else:
+                eps = self.net(x, t, z).to(x.dtype)
+            x = diffusion.p_step(x, i, eps, temperature * torch.randn_like(x), clip=self.config.clip_x0)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------
-# The ADR model
+# The ADR model: the RetNet backbone gives z_i from the tokens before i; the head draws token i.
 
 
 class ADR(nn.Module):
-    def __init__(self, cfg: ADRConfig):
+    def __init__(self, config: ADRConfig):
         super().__init__()
-        self.cfg = cfg
-        d = cfg.d_model
+        self.config = config
+        d = config.d_model
         # a learned start token per class; index num_classes is the "no class" token (the only one when
         # unconditional, and the null condition of classifier-free guidance)
-        self.start = nn.Embedding(cfg.num_classes + 1, d)
-        self.token_in = nn.Linear(cfg.token_dim, d)
-        self.pos_emb = nn.Parameter(torch.randn(cfg.seq_len, d) * 0.02)  # input position 0 is the start token
-        self.blocks = nn.ModuleList(RetNetBlock(d, cfg.n_head) for _ in range(cfg.n_layer))
+        self.start = nn.Embedding(config.num_classes + 1, d)
+        self.token_in = nn.Linear(config.token_dim, d)
+        self.pos_emb = nn.Parameter(torch.randn(config.seq_len, d) * 0.02)  # input position 0: the start token
+        self.blocks = nn.ModuleList(RetNetBlock(d, config.n_head) for _ in range(config.n_layer))
         self.norm_out = nn.LayerNorm(d)
-        self.head = Denoiser(cfg.token_dim, d, cfg.head_width, cfg.head_depth)
-        self.diffusion = Diffusion.make(cfg.diffusion_steps, cfg.schedule)
+        self.head = DiffusionHead(config)
 
     def embed(self, tokens, labels, with_start):
         """Backbone input: [start(label), tok_0, tok_1, ...] (with_start) or just the embedded tokens."""
         h = self.token_in(tokens)
         if with_start:
-            null = torch.full(tokens.shape[:1], self.cfg.num_classes, device=tokens.device, dtype=torch.long)
+            null = torch.full(tokens.shape[:1], self.config.num_classes, device=tokens.device, dtype=torch.long)
             start = self.start(null if labels is None else labels)[:, None]
             h = torch.cat([start, h], dim=1)
         return h
@@ -321,67 +375,48 @@ class ADR(nn.Module):
 
     def drop_labels(self, labels):
         """Replace each label by the null class with probability class_dropout (classifier-free guidance)."""
-        if labels is None or self.cfg.class_dropout == 0:
+        if labels is None or self.config.class_dropout == 0:
             return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
-        return labels.masked_fill(drop, self.cfg.num_classes)
+        drop = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
+        return labels.masked_fill(drop, self.config.num_classes)
 
     def forward(self, tokens, labels=None):
-        """Training loss E ||eps - eps_theta(x_t, t, z)||^2 over all tokens (DDPM eq. 14, per token),
-        with diffusion_batch_mul independent (t, eps) draws per token to amortise the backbone."""
+        """Training loss: the head's diffusion loss on every token i, conditioned on z_i."""
         labels = self.drop_labels(labels) if self.training else labels
         z = self.condition(tokens, labels)
-        m = self.cfg.diffusion_batch_mul
-        x0, z = tokens.repeat(m, 1, 1), z.repeat(m, 1, 1)
-        t = torch.randint(0, len(self.diffusion), x0.shape[:2], device=x0.device)  # one t per token
-        noise = torch.randn_like(x0)
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        eps = self.head(x_t.flatten(0, 1), t.flatten(), z.flatten(0, 1))
-        return F.mse_loss(eps.float(), noise.flatten(0, 1).float())
-
-    def denoise(self, z, diffusion, temperature=1.0, cfg_scale=1.0):
-        """Run the K-step reverse chain for one token per row of z. With guidance, z holds the
-        conditional rows then the unconditional rows: eps = eps_u + w (eps_c - eps_u)."""
-        n = z.shape[0] // 2 if cfg_scale != 1.0 else z.shape[0]
-        x = torch.randn(n, self.cfg.token_dim, device=z.device, dtype=z.dtype)
-        for i in reversed(range(len(diffusion))):
-            t = torch.full((z.shape[0],), int(diffusion.timesteps[i]), device=z.device)
-            if cfg_scale != 1.0:
-                eps_c, eps_u = self.head(torch.cat([x, x]), t, z).to(x.dtype).chunk(2)
-                eps = eps_u + cfg_scale * (eps_c - eps_u)
-            else:
-                eps = self.head(x, t, z).to(x.dtype)
-            x = diffusion.p_step(x, i, eps, temperature * torch.randn_like(x), clip=self.cfg.clip_x0)
-        return x
+        return self.head.loss(tokens.flatten(0, 1), z.flatten(0, 1))
 
     @torch.no_grad()
-    def sample(self, n, labels=None, steps=100, temperature=1.0, cfg_scale=1.0, prompt=None, mode="recurrent", chunk_size=64):
+    def sample(self, n, labels=None, steps=100, temperature=1.0, cfg_scale=1.0, prompt=None, mode="recurrent",
+               chunk_size=64):
         """Generate n sequences of seq_len tokens. `prompt` (n, P, token_dim) fixes the first P tokens:
         it is prefilled in chunkwise form, then generation goes on one token at a time. mode="parallel"
         recomputes the whole prefix at every token instead of keeping the recurrent state."""
         if mode not in ("recurrent", "parallel"):
             raise ValueError(f"unknown sampling mode {mode!r}: use recurrent or parallel")
-        cfg, device = self.cfg, self.pos_emb.device
+        config, device = self.config, self.pos_emb.device
         guided = cfg_scale != 1.0
-        if guided and (labels is None or cfg.num_classes == 0):
+        if guided and (labels is None or config.num_classes == 0):
             raise ValueError("classifier-free guidance needs class labels")
-        if prompt is not None and (prompt.shape[0] != n or prompt.shape[1] >= cfg.seq_len or prompt.shape[2] != cfg.token_dim):
-            raise ValueError(f"prompt must be (n={n}, P < {cfg.seq_len}, {cfg.token_dim}), got {tuple(prompt.shape)}")
+        if prompt is not None and (prompt.shape[0] != n or prompt.shape[1] >= config.seq_len
+                                   or prompt.shape[2] != config.token_dim):
+            raise ValueError(f"prompt must be (n={n}, P < {config.seq_len}, {config.token_dim}), "
+                             f"got {tuple(prompt.shape)}")
         labels = None if labels is None else labels.to(device)
         if guided:  # conditional rows, then the same rows with the null class
-            labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+            labels = torch.cat([labels, torch.full_like(labels, config.num_classes)])
         dtype = self.pos_emb.dtype
-        tokens = torch.zeros(n, 0, cfg.token_dim, device=device, dtype=dtype) if prompt is None else prompt.to(device, dtype)
-        diffusion = self.diffusion.respaced(steps)
+        tokens = torch.zeros(n, 0, config.token_dim, device=device, dtype=dtype) if prompt is None else prompt.to(
+            device, dtype)
         both = lambda t: torch.cat([t, t]) if guided else t  # noqa: E731
         if mode == "recurrent":  # prefill the start token and the prompt, keep only the state
             z, states = self.backbone(self.embed(both(tokens), labels, True), "chunkwise", chunk_size=chunk_size)
-        for i in range(tokens.shape[1], cfg.seq_len):
+        for i in range(tokens.shape[1], config.seq_len):
             if mode == "parallel":
                 z = self.backbone(self.embed(both(tokens), labels, True))[0]
-            token = self.denoise(z[:, -1], diffusion, temperature, cfg_scale)
+            token = self.head.sample(z[:, -1], steps, temperature, cfg_scale)
             tokens = torch.cat([tokens, token[:, None]], dim=1)
-            if mode == "recurrent" and i + 1 < cfg.seq_len:
+            if mode == "recurrent" and i + 1 < config.seq_len:
                 z, states = self.backbone(self.embed(both(token[:, None]), None, False), "recurrent", states, pos=i + 1)
         return tokens
 
@@ -402,12 +437,14 @@ def log_prob_interval(lo, hi, mean, std):
 def token_nll(x0, lo, hi, eps_fn, diffusion, t_draws=1):
     """Negative log-likelihood bound (nats) of each token x0 (..., D) quantised to the bin [lo, hi]:
     L_T + sum_{t>1} L_{t-1} + L_0 (DDPM eq. 5), the middle sum estimated without bias by drawing t
-    (importance-weighted). eps_fn(x_t, t) is the denoiser for these tokens (x_t in float64). Returns a tensor of shape x0[..., 0]."""
+    (importance-weighted). eps_fn(x_t, t) is the denoiser for these tokens (x_t in float64). Returns a
+    tensor shaped like x0[..., 0]."""
     x0 = x0.double()
     alpha_bar_T = diffusion.alpha_bar[-1].item()
     # L_T = KL(q(x_T|x_0) || N(0, I))
     prior = 0.5 * ((1 - alpha_bar_T) + alpha_bar_T * x0**2 - 1 - math.log(1 - alpha_bar_T)).sum(-1)
-    # L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) = beta_t^2 / (2 sigma_t^2 alpha_t (1-alpha_bar_t)) ||eps - eps_theta||^2
+    # L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
+    #         = beta_t^2 / (2 sigma_t^2 alpha_t (1-alpha_bar_t)) ||eps - eps_theta||^2
     coef = diffusion.betas**2 / (2 * diffusion.posterior_var * diffusion.alphas * (1 - diffusion.alpha_bar))
     # importance sampling: draw t from p_t, half ∝ coef_t * alpha_bar_t (the term's size for data of unit
     # variance) and half ∝ coef_t (so that coef_t / p_t stays bounded for any denoiser), and weight the
@@ -430,137 +467,20 @@ def token_nll(x0, lo, hi, eps_fn, diffusion, t_draws=1):
 
 
 @torch.no_grad()
-def bits_per_dim(model, tokens, labels, layout, t_draws=1):
-    """Per-example estimate (unbiased) of an upper bound on -log2 p(x) / dims: the chain rule over tokens, each token's bound from
-    token_nll with z_i from the true earlier tokens. Returns a (B,) tensor; average it and report its
-    standard error."""
+def bits_per_dim(model, tokens, labels, lo, hi, t_draws=1):
+    """Per-example unbiased estimate of an upper bound on -log2 p(x) / dims: the chain rule over tokens,
+    each token's bound from token_nll with z_i from the true earlier tokens. lo and hi (shaped like
+    tokens) are the edges of each value's quantisation bin. Returns a (B,) tensor: average it and
+    report its standard error."""
     z = model.condition(tokens, labels).float()
     device = tokens.device
-    diffusion = model.diffusion
 
     def eps_fn(x_t, t):
-        return model.head(x_t.to(device, z.dtype).flatten(0, 1), t.to(device).flatten(), z.flatten(0, 1)).view(x_t.shape).cpu()
+        eps = model.head.net(x_t.to(device, z.dtype).flatten(0, 1), t.to(device).flatten(), z.flatten(0, 1))
+        return eps.view(x_t.shape).cpu()
 
-    lo, hi = quantisation_bins(tokens.cpu(), layout)
-    nll = token_nll(tokens.cpu(), lo, hi, eps_fn, diffusion, t_draws).sum(-1)
+    nll = token_nll(tokens.cpu(), lo.cpu(), hi.cpu(), eps_fn, model.head.diffusion, t_draws).sum(-1)
     return nll / (tokens[0].numel() * math.log(2))
-
-
-# ----------------------------------------------------------------------------------------------
-# Token layouts: images as p x p patches in raster order, audio as mu-law companded waveform chunks.
-
-
-def patchify(images, p):
-    """(B, C, H, W) -> (B, H/p * W/p, p*p*C), patches in raster order (left to right, top to bottom)."""
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(tokens, p, channels, height, width):
-    """Inverse of patchify."""
-    B = tokens.shape[0]
-    x = tokens.reshape(B, height // p, width // p, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(B, channels, height, width)
-
-
-def mu_law(x, mu=255.0):
-    """Continuous mu-law companding F(x) = sign(x) ln(1 + mu|x|) / ln(1 + mu), on [-1, 1]: quiet
-    samples get more of the range, so quiet and loud clips are both learnt well. Invertible."""
-    return torch.sign(x) * torch.log1p(mu * x.abs()) / math.log1p(mu)
-
-
-def mu_law_inverse(y, mu=255.0):
-    return torch.sign(y) * torch.expm1(y.abs() * math.log1p(mu)) / mu
-
-
-def image_layout(channels=3, height=32, width=32, patch=4):
-    return dict(kind="image", channels=channels, height=height, width=width, patch=patch)
-
-
-def audio_layout(sample_rate=16000, length=16000, chunk=160, mu=255.0):
-    return dict(kind="audio", sample_rate=sample_rate, length=length, chunk=chunk, mu=mu)
-
-
-def layout_shape(layout):
-    """(seq_len, token_dim) of a layout."""
-    if layout["kind"] == "image":
-        p = layout["patch"]
-        return layout["height"] * layout["width"] // p**2, p * p * layout["channels"]
-    return layout["length"] // layout["chunk"], layout["chunk"]
-
-
-def to_tokens(x, layout):
-    """Images (B, C, H, W) in [-1, 1] or waveforms (B, N) in [-1, 1] -> tokens (B, L, D)."""
-    if layout["kind"] == "image":
-        return patchify(x, layout["patch"])
-    return mu_law(x, layout["mu"]).view(x.shape[0], -1, layout["chunk"])
-
-
-def from_tokens(tokens, layout):
-    """Inverse of to_tokens; generated values are clamped to [-1, 1]."""
-    tokens = tokens.clamp(-1, 1)
-    if layout["kind"] == "image":
-        return unpatchify(tokens, layout["patch"], layout["channels"], layout["height"], layout["width"])
-    return mu_law_inverse(tokens.reshape(tokens.shape[0], -1), layout["mu"])
-
-
-def quantisation_bins(tokens, layout):
-    """The bin [lo, hi] in token space of each value's quantisation level: 8-bit pixels scaled to [-1, 1]
-    (width 2/255), or 16-bit samples x = k/32768 mapped through mu-law. The outermost bins reach to -inf
-    and +inf, so the bins cover the line and their probabilities sum to one."""
-    tokens = tokens.double()
-    if layout["kind"] == "image":
-        half = torch.full_like(tokens, 1 / 255)
-        lo, hi = tokens - half, tokens + half
-        return lo.masked_fill(tokens < -1 + 1e-6, -math.inf), hi.masked_fill(tokens > 1 - 1e-6, math.inf)
-    k = torch.round(mu_law_inverse(tokens, layout["mu"]) * 32768).clamp(-32768, 32767)
-    lo, hi = (mu_law((k + s) / 32768, layout["mu"]) for s in (-0.5, 0.5))
-    return lo.masked_fill(k == -32768, -math.inf), hi.masked_fill(k == 32767, math.inf)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: one file with the config, weights, EMA weights, layout and class names.
-
-CHECKPOINT_FORMAT = "adr-checkpoint-v1"
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def save_checkpoint(path, model, layout, class_names=None, ema=None, **extra):
-    """Write atomically (temporary file, then rename): an interrupted save never leaves a broken file.
-    `extra` holds plain values or tensors (optimizer state, step, ...)."""
-    state = dict(format=CHECKPOINT_FORMAT, config=asdict(model.cfg), model=model.state_dict(), layout=layout, class_names=list(class_names or []), **extra)
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu", use_ema=True):
-    """Returns (model in eval mode, checkpoint dict). Loads with weights_only=True, so a file that would
-    run code when unpickled is refused; anything that is not an adr checkpoint raises CheckpointError."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: pass the ckpt.pt written by train_image.py or train_audio.py")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    except Exception as e:
-        code = "GLOBAL" in str(e)  # the pickle names a function or class: loading it could run code
-        why = "it holds objects other than tensors and plain values, refused for safety" if code else "it could not be read as a torch file"
-        raise CheckpointError(f"{path} is not an adr checkpoint: {why}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an adr checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    try:
-        model = ADR(ADRConfig(**ckpt["config"])).to(device)
-        model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path} does not match this adr.py (config or weights differ: {str(e).splitlines()[0]})") from None
-    return model.eval(), ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,7 +500,8 @@ def check_equivalence(dtype=torch.float64, length=24, seed=0, verbose=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, length, 32, generator=gen, dtype=dtype)
     h = model.embed(torch.randn(2, length - 1, 6, generator=gen, dtype=dtype), torch.tensor([0, 2]), True)
-    runs = {"retention": lambda form, c: layer(x, form, chunk_size=c)[0], "backbone": lambda form, c: model.backbone(h, form, chunk_size=c)[0]}
+    runs = {"retention": lambda form, c: layer(x, form, chunk_size=c)[0],
+            "backbone": lambda form, c: model.backbone(h, form, chunk_size=c)[0]}
     diffs = {}
     for name, run in runs.items():
         reference = run("parallel", length)
@@ -596,6 +517,10 @@ def check_equivalence(dtype=torch.float64, length=24, seed=0, verbose=False):
 
 
 if __name__ == "__main__":
+    import argparse
+
+    about = "Check that retention's parallel, recurrent and chunkwise forms agree, and print the differences."
+    argparse.ArgumentParser(description=about).parse_args()
     for dtype in (torch.float64, torch.float32):
         print(f"parallel vs recurrent vs chunkwise, {dtype}:")
         check_equivalence(dtype, verbose=True)

@@ -14,7 +14,6 @@ Measure what retention's recurrent form buys, side by side in one run on one dev
 Every figure comes from a timer (median of --repeats after a warm-up) or a memory counter.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -28,7 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adr import ADR, SIZES, ADRConfig, image_layout, layout_shape
+from adr import ADR, SIZES, ADRConfig
+from media import image_layout, layout_shape
+from trainer import OneLineErrors, fail, pick_device, timed_sample
 
 DEFAULTS = dict(lengths="64,256,1024,4096", repeats=5, train_tokens=4096, e2e_images=64, e2e_steps=100)
 QUICK = dict(lengths="64,256", repeats=3, train_tokens=256, e2e_images=2, e2e_steps=10)
@@ -149,7 +150,7 @@ def tensor_bytes(tensors):
 @torch.no_grad()
 def bench_generation(model, attention, prefix, repeats, device, cache_dtype):
     """One generation step that extends a prefix of `prefix` tokens (batch 1), in three ways."""
-    h = torch.randn(1, prefix + 1, model.cfg.d_model, device=device)  # inputs at positions 0..prefix
+    h = torch.randn(1, prefix + 1, model.config.d_model, device=device)  # inputs at positions 0..prefix
     new = h[:, prefix:]
     with autocast(device):
         _, states = model.backbone(h[:, :prefix], "chunkwise")  # the state after the prefix
@@ -159,15 +160,26 @@ def bench_generation(model, attention, prefix, repeats, device, cache_dtype):
         caches = attention.new_cache(1, prefix + 1, cache_dtype, device)
         attention(h[:, :prefix], caches)  # fill the cache with the prefix
         kv = seconds_per_call(lambda: attention(new, caches, pos=prefix), repeats, device)
-    return dict(prefix=prefix, recurrent_s=recurrent, recurrent_bytes=state_bytes, recompute_s=recompute,
-                recompute_bytes=tensor_bytes([h]), kv_s=kv, kv_bytes=tensor_bytes(caches))
+    return dict(
+        prefix=prefix,
+        recurrent_s=recurrent,
+        recurrent_bytes=state_bytes,
+        recompute_s=recompute,
+        recompute_bytes=tensor_bytes([h]),
+        kv_s=kv,
+        kv_bytes=tensor_bytes(caches),
+    )
 
 
 def bench_training(model, attention, length, tokens, chunk_size, repeats, device):
     """Forward + backward of the backbone on batch x length = tokens (loss: mean of z^2), three ways."""
     batch = max(1, tokens // length)
-    h = torch.randn(batch, length, model.cfg.d_model, device=device)
-    runs = dict(parallel=lambda: model.backbone(h, "parallel")[0], chunkwise=lambda: model.backbone(h, "chunkwise", chunk_size=chunk_size)[0], attention=lambda: attention(h))
+    h = torch.randn(batch, length, model.config.d_model, device=device)
+    runs = dict(
+        parallel=lambda: model.backbone(h, "parallel")[0],
+        chunkwise=lambda: model.backbone(h, "chunkwise", chunk_size=chunk_size)[0],
+        attention=lambda: attention(h),
+    )
     row = dict(length=length, batch=batch)
     for name, run in runs.items():
 
@@ -188,37 +200,21 @@ def bench_training(model, attention, length, tokens, chunk_size, repeats, device
 
 
 def bench_sampling(size, images, steps, repeats, device):
-    """model.sample on the CIFAR image layout, with timers around the backbone and the diffusion head."""
+    """model.sample on the CIFAR image layout, timed as sample.py times it: the backbone (model.backbone) and
+    the diffusion head (model.head.sample, the whole reverse chain of each token)."""
     seq_len, token_dim = layout_shape(image_layout())
-    model = ADR(ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=10, **SIZES[size])).to(device).eval()
-    spent = dict(backbone=0.0, head=0.0)
-
-    def timer(part, fn):
-        def timed(*args, **kwargs):
-            sync(device)
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            sync(device)
-            spent[part] += time.perf_counter() - start
-            return out
-
-        return timed
-
-    model.backbone = timer("backbone", model.backbone)
-    model.head.forward = timer("head", model.head.forward)
+    config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=10, **SIZES[size])
+    model = ADR(config).to(device).eval()
     labels = torch.arange(images, device=device) % 10
     runs = []
     with autocast(device):
         model.sample(min(images, 2), labels[:2], steps=2)  # warm-up
         for _ in range(repeats):
-            spent.update(backbone=0.0, head=0.0)
-            sync(device)
-            start = time.perf_counter()
-            model.sample(images, labels, steps=steps)
-            sync(device)
-            runs.append(dict(total_s=time.perf_counter() - start, backbone_s=spent["backbone"], head_s=spent["head"]))
+            _, seconds = timed_sample(model, images, labels, steps=steps)
+            runs.append(dict(total_s=seconds["total"], backbone_s=seconds["backbone"], head_s=seconds["head"]))
     median = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]  # the run with the median total
-    return dict(images=images, tokens=seq_len, steps=steps, **median, other_s=median["total_s"] - median["backbone_s"] - median["head_s"])
+    other = median["total_s"] - median["backbone_s"] - median["head_s"]
+    return dict(images=images, tokens=seq_len, steps=steps, **median, other_s=other)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +233,9 @@ def table(columns, rows):
     cells = [columns] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     line = lambda row: "| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"] + [line(row) for row in cells[1:]])
+    return "\n".join(
+        [line(cells[0]), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"] + [line(row) for row in cells[1:]]
+    )
 
 
 def device_name(device):
@@ -251,27 +249,65 @@ def device_name(device):
 
 
 def generation_table(rows):
-    columns = ["P", "recurrent ms", "recurrent KiB", "recompute ms", "recompute KiB", "KV ms", "KV KiB", "KV/rec time", "recompute/rec time", "KV/rec memory", "recompute/rec memory"]
+    columns = [
+        "P",
+        "recurrent ms",
+        "recurrent KiB",
+        "recompute ms",
+        "recompute KiB",
+        "KV ms",
+        "KV KiB",
+        "KV/rec time",
+        "recompute/rec time",
+        "KV/rec memory",
+        "recompute/rec memory",
+    ]
     cells = []
     for r in rows:
-        figures = [r["recurrent_s"] * 1e3, r["recurrent_bytes"] / 1024, r["recompute_s"] * 1e3, r["recompute_bytes"] / 1024, r["kv_s"] * 1e3, r["kv_bytes"] / 1024]
-        ratios = [r["kv_s"] / r["recurrent_s"], r["recompute_s"] / r["recurrent_s"], r["kv_bytes"] / r["recurrent_bytes"], r["recompute_bytes"] / r["recurrent_bytes"]]
+        figures = [
+            r["recurrent_s"] * 1e3,
+            r["recurrent_bytes"] / 1024,
+            r["recompute_s"] * 1e3,
+            r["recompute_bytes"] / 1024,
+            r["kv_s"] * 1e3,
+            r["kv_bytes"] / 1024,
+        ]
+        ratios = [
+            r["kv_s"] / r["recurrent_s"],
+            r["recompute_s"] / r["recurrent_s"],
+            r["kv_bytes"] / r["recurrent_bytes"],
+            r["recompute_bytes"] / r["recurrent_bytes"],
+        ]
         cells.append([r["prefix"]] + [num(x) for x in figures + ratios])
     return table(columns, cells)
 
 
 def training_table(rows):
-    columns = ["L", "B"] + [f"{name} {unit}" for name in ("parallel", "chunkwise", "attention") for unit in ("tok/s", "peak MiB")]
+    columns = ["L", "B"] + [
+        f"{name} {unit}" for name in ("parallel", "chunkwise", "attention") for unit in ("tok/s", "peak MiB")
+    ]
     cells = []
     for r in rows:
-        figures = [(r[f"{name}_tokens_per_s"], r[f"{name}_peak_bytes"]) for name in ("parallel", "chunkwise", "attention")]
-        cells.append([r["length"], r["batch"]] + [num(x) for speed, peak in figures for x in (speed, peak and peak / 2**20)])
+        figures = [
+            (r[f"{name}_tokens_per_s"], r[f"{name}_peak_bytes"]) for name in ("parallel", "chunkwise", "attention")
+        ]
+        cells.append(
+            [r["length"], r["batch"]] + [num(x) for speed, peak in figures for x in (speed, peak and peak / 2**20)]
+        )
     return table(columns, cells)
 
 
 def sampling_table(e2e):
-    parts = dict(backbone="backbone", head="diffusion head", other="other (embedding, DDPM updates)", total="total")
-    return table(["part", "seconds", "share"], [[name, num(e2e[f"{key}_s"]), f"{100 * e2e[f'{key}_s'] / e2e['total_s']:.0f}%"] for key, name in parts.items()])
+    parts = dict(
+        backbone="backbone",
+        head="diffusion head (reverse chains)",
+        other="other (embedding, bookkeeping)",
+        total="total",
+    )
+    return table(
+        ["part", "seconds", "share"],
+        [[name, num(e2e[f"{key}_s"]), f"{100 * e2e[f'{key}_s'] / e2e['total_s']:.0f}%"] for key, name in parts.items()],
+    )
 
 
 def report(result):
@@ -279,51 +315,72 @@ def report(result):
     last = max(gen, key=lambda r: r["prefix"])
     ratio = lambda a, b: num(last[a] / last[b])  # noqa: E731
     slower = "diffusion head" if e2e["head_s"] > e2e["backbone_s"] else "backbone"
-    return "\n".join([
-        f"# adr bench: --size {h['size']} (d_model {h['d_model']}, {h['n_layer']} layers, {h['n_head']} heads; diffusion head {h['head_width']} wide, {h['head_depth']} blocks)",
-        f"device {h['device']} ({h['device_name']}), dtype {h['dtype']}, threads {h['threads']}, torch {h['torch']}; every time is the median of {h['repeats']} repeats after warm-up",
-        "",
-        "## Generation, backbone only: one step that extends a prefix of P tokens, batch 1",
-        "ms = time per generated token; KiB = memory kept between tokens, measured from the tensors, per sequence:",
-        "recurrent (rec) = the retention states, the same at every P; recompute = the prefix's embeddings, the parallel",
-        "form runs over all P+1 tokens at every step; KV = the attention model's key/value cache. Ratios > 1: recurrent wins.",
-        "",
-        generation_table(gen),
-        "",
-        f"At P = {last['prefix']}: time per token, KV cache / recurrent = {ratio('kv_s', 'recurrent_s')}x, recompute / recurrent = {ratio('recompute_s', 'recurrent_s')}x;"
-        f" memory kept, KV cache / recurrent = {ratio('kv_bytes', 'recurrent_bytes')}x, recompute / recurrent = {ratio('recompute_bytes', 'recurrent_bytes')}x.",
-        "",
-        f"## Training: backbone forward + backward on B x L = {h['train_tokens']} tokens (B = 1 from L = {h['train_tokens']} on), loss mean(z^2); chunkwise with chunks of {h['chunk_size']}",
-        f"tok/s = tokens per second; peak MiB = {h['peak_memory']}.",
-        "",
-        training_table(result["training"]),
-        "",
-        f"## End to end: model.sample of {e2e['images']} CIFAR-sized images ({e2e['tokens']} tokens of 4x4 RGB patches), {e2e['steps']} head steps per token, recurrent backbone",
-        "",
-        sampling_table(e2e),
-        "",
-        f"The {slower} dominates sampling: {100 * max(e2e['head_s'], e2e['backbone_s']) / e2e['total_s']:.0f}% of the time ({e2e['steps']} head calls per token against one backbone step).",
-    ])
-
-
-def fail(message):
-    print(f"bench.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    share = 100 * max(e2e["head_s"], e2e["backbone_s"]) / e2e["total_s"]
+    return "\n".join(
+        [
+            f"# adr bench: --size {h['size']} (d_model {h['d_model']}, {h['n_layer']} layers, {h['n_head']} heads; "
+            f"diffusion head {h['head_width']} wide, {h['head_depth']} blocks)",
+            f"device {h['device']} ({h['device_name']}), dtype {h['dtype']}, threads {h['threads']}, "
+            f"torch {h['torch']}; every time is the median of {h['repeats']} repeats after warm-up",
+            "",
+            "## Generation, backbone only: one step that extends a prefix of P tokens, batch 1",
+            "ms = time per generated token; KiB = memory kept between tokens, measured from the tensors, per sequence:",
+            "recurrent (rec) = the retention states, the same at every P; recompute = the prefix's embeddings, the",
+            "parallel form runs over all P+1 tokens at every step; KV = the attention model's key/value cache.",
+            "Ratios > 1: recurrent wins.",
+            "",
+            generation_table(gen),
+            "",
+            f"At P = {last['prefix']}: time per token, KV cache / recurrent = {ratio('kv_s', 'recurrent_s')}x, "
+            f"recompute / recurrent = {ratio('recompute_s', 'recurrent_s')}x; memory kept, KV cache / recurrent = "
+            f"{ratio('kv_bytes', 'recurrent_bytes')}x, "
+            f"recompute / recurrent = {ratio('recompute_bytes', 'recurrent_bytes')}x.",
+            "",
+            f"## Training: backbone forward + backward on B x L = {h['train_tokens']} tokens (B = 1 from "
+            f"L = {h['train_tokens']} on), loss mean(z^2); chunkwise with chunks of {h['chunk_size']}",
+            f"tok/s = tokens per second; peak MiB = {h['peak_memory']}.",
+            "",
+            training_table(result["training"]),
+            "",
+            f"## End to end: model.sample of {e2e['images']} CIFAR-sized images ({e2e['tokens']} tokens of 4x4 RGB "
+            f"patches), {e2e['steps']} head steps per token, recurrent backbone",
+            "",
+            sampling_table(e2e),
+            "",
+            f"The {slower} dominates sampling: {share:.0f}% of the time ({e2e['steps']} head calls per token against "
+            f"one backbone step).",
+        ]
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Recurrent vs recompute vs KV-cache attention: generation, training and sampling, measured side by side.")
-    parser.error = fail  # one line on stderr, exit code 2
+    parser = OneLineErrors(
+        description="Recurrent vs recompute vs KV-cache attention: generation, training and "
+        "sampling, measured side by side."
+    )
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="model size from adr.SIZES")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda runs under bf16 autocast)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--lengths", help=f"prefix lengths for generation and sequence lengths for training (default {DEFAULTS['lengths']})")
-    parser.add_argument("--repeats", type=int, help=f"timed repeats per figure, the median is reported (default {DEFAULTS['repeats']})")
-    parser.add_argument("--train-tokens", type=int, help=f"tokens per training step, B = tokens / L (default {DEFAULTS['train_tokens']})")
+    parser.add_argument(
+        "--lengths",
+        help=f"prefix lengths for generation and sequence lengths for training (default {DEFAULTS['lengths']})",
+    )
+    parser.add_argument(
+        "--repeats", type=int, help=f"timed repeats per figure, the median is reported (default {DEFAULTS['repeats']})"
+    )
+    parser.add_argument(
+        "--train-tokens",
+        type=int,
+        help=f"tokens per training step, B = tokens / L (default {DEFAULTS['train_tokens']})",
+    )
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunkwise form")
     parser.add_argument("--e2e-images", type=int, help=f"images sampled end to end (default {DEFAULTS['e2e_images']})")
-    parser.add_argument("--e2e-steps", type=int, help=f"diffusion head steps per token end to end (default {DEFAULTS['e2e_steps']})")
-    parser.add_argument("--quick", action="store_true", help="the smallest setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument(
+        "--e2e-steps", type=int, help=f"diffusion head steps per token end to end (default {DEFAULTS['e2e_steps']})"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the smallest setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
@@ -333,20 +390,20 @@ def main(argv=None):
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
         fail(f"--lengths {args.lengths!r}: give comma-separated whole numbers, e.g. 64,256")
-    for flag, value in (("--lengths", min(lengths)), ("--repeats", args.repeats), ("--train-tokens", args.train_tokens), ("--chunk-size", args.chunk_size),
-                        ("--e2e-images", args.e2e_images), ("--e2e-steps", args.e2e_steps), ("--threads", 1 if args.threads is None else args.threads)):
+    for flag, value in (
+        ("--lengths", min(lengths)),
+        ("--repeats", args.repeats),
+        ("--train-tokens", args.train_tokens),
+        ("--chunk-size", args.chunk_size),
+        ("--e2e-images", args.e2e_images),
+        ("--e2e-steps", args.e2e_steps),
+        ("--threads", 1 if args.threads is None else args.threads),
+    ):
         if value < 1:
             fail(f"{flag} must be at least 1, got {value}")
     if args.e2e_steps > ADRConfig.diffusion_steps:
         fail(f"--e2e-steps must be at most {ADRConfig.diffusion_steps}, got {args.e2e_steps}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device {args.device!r} is not a device: use cpu or cuda")
-    if device.type not in ("cpu", "cuda"):
-        fail(f"--device {args.device}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available here; use --device cpu")
+    device = pick_device(args.device)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         fail(f"--json {args.json}: its folder does not exist; create it or pick another path")
     if args.threads:
@@ -358,18 +415,40 @@ def main(argv=None):
     attention = AttentionModel(size["d_model"], size["n_layer"], size["n_head"], max(lengths) + 1).to(device)
     on_cuda = device.type == "cuda"
     header = dict(
-        size=args.size, **size, device=str(device), device_name=device_name(device), dtype="bf16 autocast" if on_cuda else "float32",
-        threads=torch.get_num_threads(), torch=torch.__version__, repeats=args.repeats, train_tokens=args.train_tokens, chunk_size=args.chunk_size,
-        peak_memory="most bytes held at once during the step above the resting model, from " + ("torch.cuda.max_memory_allocated" if on_cuda else "torch's profiler allocation records (profile_memory)"),
+        size=args.size,
+        **size,
+        device=str(device),
+        device_name=device_name(device),
+        dtype="bf16 autocast" if on_cuda else "float32",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        repeats=args.repeats,
+        train_tokens=args.train_tokens,
+        chunk_size=args.chunk_size,
+        peak_memory="most bytes held at once during the step above the resting model, from "
+        + ("torch.cuda.max_memory_allocated" if on_cuda else "torch's profiler allocation records (profile_memory)"),
     )
     progress = lambda what: print(f"bench: {what}", file=sys.stderr, flush=True)  # noqa: E731
     generation, training = [], []
     for length in lengths:
         progress(f"generation at P = {length}")
-        generation.append(bench_generation(model.eval(), attention.eval(), length, args.repeats, device, torch.bfloat16 if on_cuda else torch.float32))
+        generation.append(
+            bench_generation(
+                model.eval(),
+                attention.eval(),
+                length,
+                args.repeats,
+                device,
+                torch.bfloat16 if on_cuda else torch.float32,
+            )
+        )
     for length in lengths:
         progress(f"training at L = {length}")
-        training.append(bench_training(model.train(), attention.train(), length, args.train_tokens, args.chunk_size, args.repeats, device))
+        training.append(
+            bench_training(
+                model.train(), attention.train(), length, args.train_tokens, args.chunk_size, args.repeats, device
+            )
+        )
     del model, attention
     progress(f"sampling {args.e2e_images} images")
     sampling = bench_sampling(args.size, args.e2e_images, args.e2e_steps, args.repeats, device)

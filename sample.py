@@ -14,49 +14,58 @@ to draw token i. In the default recurrent mode the RetNet carries an O(1) state 
 prompt is first read in chunkwise form); --mode parallel recomputes the whole prefix for every token,
 as a model without a recurrent form must. Sampling runs in float32, and both modes give the same
 samples for the same --seed. The run's time is printed, with the shares of the RetNet (backbone) and
-of the diffusion head.
+of the diffusion head (its whole reverse chain per token).
 """
 
 import argparse
 import os
-import time
 
 import torch
 
-from adr import CheckpointError, from_tokens, layout_shape, load_checkpoint, to_tokens
-from train_audio import prepare_clip, read_wav, save_spectrograms, write_wav
-from train_image import OneLineErrors, fail, load_image, number, pick_device, save_image_grid
+from media import from_tokens, layout_shape, load_image, prepare_clip, read_wav, save_image_grid, save_spectrograms
+from media import to_tokens, write_wav
+from trainer import CheckpointError, OneLineErrors, default_device, fail, load_checkpoint, number, pick_device
+from trainer import timed_sample
 
 
 def parse_args(argv=None):
-    parser = OneLineErrors(description="Sample images or audio from an ADR checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="ckpt.pt written by train_image.py or train_audio.py")
-    parser.add_argument("--out", default=None, help="output folder (default: samples/ next to the checkpoint)")
-    parser.add_argument("--n", type=number(int, 1), default=None, help="samples per class, or in all for an unconditional model (default: 10 for images, 1 for audio)")
-    parser.add_argument("--class", dest="class_name", default=None, help="sample this class only (default: every class)")
-    parser.add_argument("--steps", type=number(int, 1), default=100, help="reverse diffusion steps per token (default: 100)")
-    parser.add_argument("--temperature", type=number(float, 0), default=1.0, help="scale of the noise added at each reverse step (default: 1)")
-    parser.add_argument("--cfg", type=number(float, 0), default=None, help="classifier-free guidance scale, 1 = none (default: 3 for a class-conditional model, as in the training sample files; 1 otherwise)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
-    parser.add_argument("--prompt", default=None, help="an image or a WAV file to continue (images are centre-cropped and resized to the model's size, clips mixed to mono and resampled)")
-    parser.add_argument("--keep", type=number(float, 0, low_ok=False), default=0.5, help="with --prompt: the fraction of the image's tokens (top rows first), or the seconds of audio, to keep (default: 0.5)")
-    parser.add_argument("--mode", choices=["recurrent", "parallel"], default="recurrent", help="carry the recurrent state (default), or recompute the whole prefix at every token")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu (default: cuda when there is a GPU)")
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights when the checkpoint has them (default: yes)")
-    return parser.parse_args(argv)
+    p = OneLineErrors(description="Sample images or audio from an ADR checkpoint.")
+    p.add_argument("--ckpt", required=True, help="ckpt.pt written by train_image.py or train_audio.py")
+    p.add_argument("--out", default=None, help="output folder (default: samples/ next to the checkpoint)")
+    p.add_argument("--n", type=number(int, 1), default=None,
+                   help="samples per class, or in all for an unconditional model (default: 10 for images, 1 for audio)")
+    p.add_argument("--class", dest="class_name", default=None, help="sample this class only (default: every class)")
+    p.add_argument("--steps", type=number(int, 1), default=100, help="reverse diffusion steps per token (default: 100)")
+    p.add_argument("--temperature", type=number(float, 0), default=1.0,
+                   help="scale of the noise added at each reverse step (default: 1)")
+    p.add_argument("--cfg", type=number(float, 0), default=None, help="classifier-free guidance scale, 1 = none "
+                   "(default: 3 for a class-conditional model, as in the training sample files; 1 otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
+    p.add_argument("--prompt", default=None, help="an image or a WAV file to continue (images are centre-cropped and "
+                   "resized to the model's size, clips mixed to mono and resampled)")
+    p.add_argument("--keep", type=number(float, 0, low_ok=False), default=0.5, help="with --prompt: the fraction of "
+                   "the image's tokens (top rows first), or the seconds of audio, to keep (default: 0.5)")
+    p.add_argument("--mode", choices=["recurrent", "parallel"], default="recurrent",
+                   help="carry the recurrent state (default), or recompute the whole prefix at every token")
+    p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: cuda when there is a GPU)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights when the checkpoint has them (default: yes)")
+    return p.parse_args(argv)
 
 
-def pick_classes(args, cfg, class_names):
+def pick_classes(args, config, class_names):
     """The class index of each output row (None for an unconditional model) and the rows' names."""
-    if cfg.num_classes == 0:
+    if config.num_classes == 0:
         if args.class_name is not None:
-            fail(f"--class {args.class_name}: this checkpoint is unconditional (trained without classes); leave --class out")
+            fail(f"--class {args.class_name}: this checkpoint is unconditional (trained without classes); "
+                 f"leave --class out")
         if args.cfg not in (None, 1.0):
-            fail(f"--cfg {args.cfg:g}: guidance needs a class-conditional checkpoint and this one has no classes; leave --cfg at 1")
+            fail(f"--cfg {args.cfg:g}: guidance needs a class-conditional checkpoint and this one has no classes; "
+                 f"leave --cfg at 1")
         return [None], ["sample"]
-    names = class_names or [str(c) for c in range(cfg.num_classes)]
+    names = class_names or [str(c) for c in range(config.num_classes)]
     if args.class_name is None:
-        return list(range(cfg.num_classes)), names
+        return list(range(config.num_classes)), names
     if args.class_name not in names:
         fail(f"unknown class {args.class_name!r}: this checkpoint knows {', '.join(names)}")
     return [names.index(args.class_name)], [args.class_name]
@@ -65,7 +74,7 @@ def pick_classes(args, cfg, class_names):
 def image_prompt(path, layout, keep):
     """(tokens of the image (1, L, D), number of tokens to keep)."""
     try:
-        image = load_image(path, layout["height"], layout["width"])
+        image = load_image(path, layout["height"], layout["width"], layout["channels"])
     except ValueError as e:
         fail(f"--prompt: {e}; this is an image model: give an image file")
     seq_len = layout_shape(layout)[0]
@@ -91,46 +100,10 @@ def audio_prompt(path, layout, keep):
     seq_len = layout_shape(layout)[0]
     if not 0 < kept < seq_len:
         chunk_s = layout["chunk"] / rate_out
-        fail(f"--keep {keep:g} s keeps {kept} chunks of {chunk_s:g} s; keep at least one and less than the {length / rate_out:g} s clip")
+        fail(f"--keep {keep:g} s keeps {kept} chunks of {chunk_s:g} s; keep at least one and less than the "
+             f"{length / rate_out:g} s clip")
     clip = prepare_clip(waveform, rate, rate_out, length)
     return to_tokens(clip[None], layout), kept
-
-
-class Stopwatch:
-    """Adds up the time spent inside the functions it wraps. On a GPU it waits for the queued work at
-    both ends of each call, so the time is the GPU's, not only the time to queue the kernels."""
-
-    def __init__(self, device):
-        self.device, self.seconds = device, 0.0
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def wrap(self, fn):
-        def timed(*args, **kwargs):
-            self.sync()
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            self.sync()
-            self.seconds += time.perf_counter() - start
-            return result
-
-        return timed
-
-
-def timed_sample(model, n, labels=None, prompt=None, **options):
-    """model.sample(n, labels, prompt=prompt, **options) with clocks on the whole call, on the RetNet
-    (model.backbone) and on the diffusion head's reverse chains (model.denoise: the denoiser and the
-    reverse steps). Returns (tokens, seconds: total, backbone, head)."""
-    clocks = {name: Stopwatch(model.pos_emb.device) for name in ("total", "backbone", "head")}
-    model.backbone = clocks["backbone"].wrap(model.backbone)
-    model.denoise = clocks["head"].wrap(model.denoise)
-    try:
-        tokens = clocks["total"].wrap(model.sample)(n, labels, prompt=prompt, **options)
-    finally:  # unwrap: the instance attributes go, the methods show through again
-        del model.backbone, model.denoise
-    return tokens, {name: clock.seconds for name, clock in clocks.items()}
 
 
 def main(argv=None):
@@ -140,13 +113,13 @@ def main(argv=None):
         model, ckpt = load_checkpoint(args.ckpt, device, use_ema=args.ema)
     except CheckpointError as e:
         fail(str(e))
-    cfg, layout = model.cfg, ckpt["layout"]
+    config, layout = model.config, ckpt["layout"]
     kind = layout["kind"]
     n = args.n or (10 if kind == "image" else 1)
-    if not 1 <= args.steps <= cfg.diffusion_steps:
-        fail(f"--steps {args.steps}: must be between 1 and the model's {cfg.diffusion_steps} diffusion steps")
-    classes, row_names = pick_classes(args, cfg, ckpt["class_names"])
-    cfg_scale = args.cfg if args.cfg is not None else (3.0 if cfg.num_classes else 1.0)
+    if not 1 <= args.steps <= config.diffusion_steps:
+        fail(f"--steps {args.steps}: must be between 1 and the model's {config.diffusion_steps} diffusion steps")
+    classes, row_names = pick_classes(args, config, ckpt["class_names"])
+    cfg_scale = args.cfg if args.cfg is not None else (3.0 if config.num_classes else 1.0)
     full_prompt, prompt, kept = None, None, 0
     if args.prompt is not None:
         if not os.path.isfile(args.prompt):
@@ -161,11 +134,14 @@ def main(argv=None):
         fail(f"--out {out}: cannot create the folder ({e.strerror})")
 
     torch.manual_seed(args.seed)
-    tokens, seconds = timed_sample(model, n * len(classes), labels, prompt, steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale, mode=args.mode)
+    tokens, seconds = timed_sample(model, n * len(classes), labels, prompt=prompt, steps=args.steps,
+                                   temperature=args.temperature, cfg_scale=cfg_scale, mode=args.mode)
     total, count = seconds["total"], tokens.shape[0]
-    what = f"{count} {'image' if kind == 'image' else 'clip'}{'s' if count > 1 else ''} of {cfg.seq_len} tokens" + (f" ({kept} from the prompt)" if kept else "")
-    print(f"sampled {what} in {total:.2f} s ({args.mode} mode, cfg {cfg_scale:g}): {total / count:.3f} s/sample, {count * (cfg.seq_len - kept) / total:.0f} tokens/s; "
-          f"backbone {100 * seconds['backbone'] / total:.0f}%, diffusion head {100 * seconds['head'] / total:.0f}%")
+    what = f"{count} {'image' if kind == 'image' else 'clip'}{'s' if count > 1 else ''} of {config.seq_len} tokens"
+    what += f" ({kept} from the prompt)" if kept else ""
+    print(f"sampled {what} in {total:.2f} s ({args.mode} mode, cfg {cfg_scale:g}): {total / count:.3f} s/sample, "
+          f"{count * (config.seq_len - kept) / total:.0f} tokens/s; backbone {100 * seconds['backbone'] / total:.0f}%, "
+          f"diffusion head {100 * seconds['head'] / total:.0f}%")
 
     samples = from_tokens(tokens.float().cpu(), layout)
     if kind == "image":
@@ -203,7 +179,8 @@ def save_audio(waves, full_prompt, kept, layout, n, row_names, out):
     panels += list(waves)
     titles += names
     save_spectrograms(panels, rate, os.path.join(out, "spectrograms.png"), titles)
-    print(f"wrote {len(names)} WAV files{' and prompt.wav' if full_prompt is not None else ''} and spectrograms.png to {out}")
+    prompt_note = " and prompt.wav" if full_prompt is not None else ""
+    print(f"wrote {len(names)} WAV files{prompt_note} and spectrograms.png to {out}")
 
 
 if __name__ == "__main__":

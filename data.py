@@ -1,0 +1,273 @@
+"""
+The datasets, read once into memory: CIFAR-10 (downloaded by torchvision) and folders of images;
+Speech Commands (downloaded by torchaudio) and folders of WAV files. Items are (x, label) with x an
+image (C, H, W) or a waveform (N,) in [-1, 1]. The training scripts and evaluate.py read data here.
+"""
+
+import io
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from media import IMAGE_EXTENSIONS, prepare_clip, read_pixels, read_wav
+from trainer import fail, log, warn
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+class ImageDataset(Dataset):
+    """uint8 images (N, C, H, W) in memory; items are (image in [-1, 1], label), flipped left-right at
+    random when flip."""
+
+    def __init__(self, images, labels, flip):
+        self.images, self.labels, self.flip = images, torch.as_tensor(labels, dtype=torch.long), flip
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 127.5 - 1
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[i])
+
+
+def read_image_folder(folder, class_names, layout):
+    """Every image under folder/<class>/ -> (uint8 images, labels, [why each unreadable file was skipped])."""
+    files = []  # (path, label)
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(folder, name)
+        if os.path.isdir(class_dir):
+            names = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files += [(os.path.join(class_dir, f), label) for f in names]
+
+    def read(path):
+        try:
+            return read_pixels(path, layout["height"], layout["width"], layout["channels"])
+        except ValueError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(8) as pool:  # threads overlap the file reads; decoding releases the GIL
+        pixels = list(pool.map(read, [path for path, _ in files]))
+    images = [p for p in pixels if isinstance(p, torch.Tensor)]
+    labels = [label for p, (_, label) in zip(pixels, files) if isinstance(p, torch.Tensor)]
+    return images, labels, [p for p in pixels if isinstance(p, str)]
+
+
+def image_folder_data(root, layout):
+    """(train set, test set or None, class names) from root/<class>/*, or root/train/<class>/* with an
+    optional root/test/<class>/*."""
+    if not os.path.isdir(root):
+        fail(f"--image-folder {root}: no such folder; it should hold one sub-folder of images per class")
+    train_dir = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    test_dir = os.path.join(root, "test")  # DIR/test/ is the test split, never a class
+    class_names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d))
+                         and not d.startswith(".") and os.path.join(train_dir, d) != test_dir)
+    if not class_names:
+        fail(f"--image-folder {root}: no class sub-folders; put the images in {os.path.join(root, '<class>', '')} "
+             f"(png or jpg)")
+    log(f"reading images from {root} ...")
+    splits, skipped = [], []
+    for folder, flip in ((train_dir, True), (test_dir, False)):
+        if folder == train_dir or os.path.isdir(folder):
+            images, labels, unreadable = read_image_folder(folder, class_names, layout)
+            skipped += unreadable
+            splits.append(ImageDataset(torch.stack(images), labels, flip) if images else None)
+        else:
+            splits.append(None)
+    if skipped:
+        warn(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''}, e.g. {skipped[0]}")
+    if splits[0] is None:
+        fail(f"--image-folder {root}: no readable images in {os.path.join(train_dir, '<class>', '')} (png or jpg)")
+    return splits[0], splits[1], class_names
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain values only, so files whose checksum was not verified cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batches(folder):
+    """Read cifar-10-batches-py without torchvision's checksums: (train images, train labels, test
+    images, test labels, class names), images uint8 (N, 3, 32, 32)."""
+
+    def load(name):
+        with open(os.path.join(folder, name), "rb") as f:
+            return NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+
+    def split(names):
+        batches = [load(name) for name in names]
+        images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        return torch.from_numpy(images), [int(label) for b in batches for label in b["labels"]]
+
+    try:
+        class_names = [str(name) for name in load("batches.meta")["label_names"]]
+        train_x, train_y = split([f"data_batch_{i}" for i in range(1, 6)])
+        test_x, test_y = split(["test_batch"])
+    except Exception as e:
+        raise ValueError(f"cannot read the CIFAR-10 batches in {folder} ({e}); delete that folder to download "
+                         f"CIFAR-10 again") from None
+    return train_x, train_y, test_x, test_y, class_names
+
+
+def cifar10_data(root):
+    """(train set, test set, class names) of CIFAR-10 in root, downloaded by torchvision if it is not there.
+    Files that are there but fail torchvision's checksums are read anyway, with a warning."""
+    import torchvision
+
+    folder = os.path.join(root, "cifar-10-batches-py")
+    try:
+        train = torchvision.datasets.CIFAR10(root, train=True, download=not os.path.isdir(folder))
+        test = torchvision.datasets.CIFAR10(root, train=False)
+        as_chw = lambda images: torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+        data = (as_chw(train.data), train.targets, as_chw(test.data), test.targets, train.classes)
+    except Exception as e:
+        if not os.path.isdir(folder):
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            fail(f"could not download CIFAR-10 into {root} ({reason}). Without internet, put cifar-10-python.tar.gz "
+                 f"(from https://www.cs.toronto.edu/~kriz/cifar.html) or its extracted cifar-10-batches-py/ folder "
+                 f"in {root} (see --data), or train on your own images with --image-folder DIR")
+        warn(f"the CIFAR-10 files in {folder} do not match torchvision's checksums; reading them anyway")
+        try:
+            data = read_cifar_batches(folder)
+        except ValueError as e:
+            fail(str(e))
+    train_x, train_y, test_x, test_y, class_names = data
+    return ImageDataset(train_x, train_y, flip=True), ImageDataset(test_x, test_y, flip=False), class_names
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio: every clip decoded once, held in memory as int16 (SC09 training: about 31k clips, 1 GB as float32)
+
+SAMPLE_RATE = 16000
+CLIP_LENGTH = 16000  # 1 s
+SC09 = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+class Clips(Dataset):
+    """int16 clips (N, CLIP_LENGTH) and their labels; items are (waveform in [-1, 1), label)."""
+
+    def __init__(self, clips, labels):
+        self.clips, self.labels = clips, torch.tensor(labels, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.clips[i].float() / 32768, int(self.labels[i])
+
+
+def load_clips(paths_and_labels):
+    """Decode (path, label) pairs into Clips; returns (Clips, [reason for each file skipped as unreadable])."""
+    clips, labels, skipped = [], [], []
+    for path, label in paths_and_labels:
+        try:
+            waveform, rate = read_wav(path)
+        except (ValueError, OSError) as e:
+            skipped.append(str(e))
+            continue
+        if waveform.shape[1] == 0:
+            skipped.append(f"{path}: no samples")
+            continue
+        clip = prepare_clip(waveform, rate, SAMPLE_RATE, CLIP_LENGTH)
+        # numpy: a torch op per clip is slow on a busy CPU
+        clips.append(np.clip(np.round(clip.numpy() * 32768), -32768, 32767).astype(np.int16))
+        labels.append(label)
+    stacked = torch.from_numpy(np.stack(clips)) if clips else torch.zeros(0, CLIP_LENGTH, dtype=torch.int16)
+    return Clips(stacked, labels), skipped
+
+
+def pick_words(requested, available, default, where):
+    """The class names: the comma-separated --words (each one checked), else the default."""
+    if requested is None:
+        return default
+    words = [w.strip() for w in requested.split(",") if w.strip()]
+    missing = [w for w in words if w not in available]
+    if not words or missing:
+        fail(f"--words: no {', '.join(missing) or 'words given'} in {where}; "
+             f"available: {', '.join(sorted(available))}")
+    if len(set(words)) != len(words):
+        fail("--words: a word is given twice")
+    return words
+
+
+def speech_commands(root, requested_words=None):
+    """Speech Commands v0.02 under root/SpeechCommands/ (downloaded if missing). Returns (training Clips,
+    testing Clips or None, words)."""
+    from torchaudio.datasets import SPEECHCOMMANDS
+
+    folder = os.path.join(root, "SpeechCommands", "speech_commands_v0.02")
+    if not os.path.isdir(folder):
+        log(f"downloading Speech Commands v0.02 (2.3 GB) to {root} ...")
+        try:
+            os.makedirs(root, exist_ok=True)
+            SPEECHCOMMANDS(root, download=True)
+        except Exception as e:
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            fail(f"could not download Speech Commands ({reason}). Without internet, extract "
+                 f"speech_commands_v0.02.tar.gz (from http://download.tensorflow.org/data/) into {folder} "
+                 f"(see --data), or train on your own WAVs with --audio-folder DIR")
+    for name in ("validation_list.txt", "testing_list.txt"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            fail(f"{folder} has no {name}: it is not a complete Speech Commands v0.02 folder; "
+                 f"extract the archive again")
+    available = {d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("_")}
+    default = SC09 if set(SC09) <= available else None
+    if default is None and requested_words is None:
+        fail(f"{folder} lacks the digits zero .. nine; choose classes with --words")
+    words = pick_words(requested_words, available, default, folder)
+    sets = []
+    for subset in ("training", "testing"):
+        dataset = SPEECHCOMMANDS(root, subset=subset)
+        items = []
+        for n in range(len(dataset)):
+            relative_path, _, label, _, _ = dataset.get_metadata(n)
+            if label in words:
+                items.append((os.path.join(root, "SpeechCommands", relative_path), words.index(label)))
+        clips, skipped = load_clips(items)
+        log(f"data: Speech Commands {subset}: {len(clips)} clips of {len(words)} words")
+        if skipped:
+            warn(f"skipped {len(skipped)} unreadable Speech Commands files, e.g. {skipped[0]}")
+        sets.append(clips)
+    if len(sets[0]) == 0:
+        fail(f"no training clips of {', '.join(words)} in {folder}")
+    return sets[0], sets[1] if len(sets[1]) else None, words
+
+
+def audio_folder(folder, requested_words=None):
+    """WAVs in folder/<word>/*.wav: every 10th file of each word (in name order) is held out for testing.
+    Returns (training Clips, testing Clips or None, words, number of unreadable or non-PCM files skipped)."""
+    if not os.path.isdir(folder):
+        fail(f"--audio-folder {folder} is not a folder; give a folder with one sub-folder of WAV files per word")
+    available = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not available:
+        fail(f"--audio-folder {folder} has no sub-folders; put the WAV files of each word in {folder}/<word>/")
+    words = pick_words(requested_words, available, available, folder)
+    train_items, test_items = [], []
+    for label, word in enumerate(words):
+        names = sorted(n for n in os.listdir(os.path.join(folder, word)) if n.lower().endswith(".wav"))
+        for i, name in enumerate(names):
+            (test_items if i % 10 == 9 else train_items).append((os.path.join(folder, word, name), label))
+    train_set, skipped_train = load_clips(train_items)
+    test_set, skipped_test = load_clips(test_items)
+    skipped = skipped_train + skipped_test
+    if len(train_set) == 0:
+        example = f" ({skipped[0]})" if skipped else ""
+        fail(f"--audio-folder {folder}: no readable 16-bit PCM WAV files in the sub-folders of {', '.join(words)}"
+             f"{example}")
+    log(f"data: {folder}: {len(train_set)} training and {len(test_set)} test clips of {len(words)} words")
+    if skipped:
+        warn(f"skipped {len(skipped)} unreadable or non-PCM file{'s' if len(skipped) > 1 else ''}, e.g. {skipped[0]}")
+    return train_set, test_set if len(test_set) else None, words, len(skipped)

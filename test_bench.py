@@ -1,0 +1,157 @@
+"""bench.py: the measurement table."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+from conftest import HERE
+
+GENERATION_COLUMNS = [
+    "P",
+    "recurrent ms",
+    "recurrent KiB",
+    "recompute ms",
+    "recompute KiB",
+    "KV ms",
+    "KV KiB",
+    "KV/rec time",
+    "recompute/rec time",
+    "KV/rec memory",
+    "recompute/rec memory",
+]
+
+
+TRAINING_COLUMNS = [
+    "L",
+    "B",
+    "parallel tok/s",
+    "parallel peak MiB",
+    "chunkwise tok/s",
+    "chunkwise peak MiB",
+    "attention tok/s",
+    "attention peak MiB",
+]
+
+
+SAMPLING_COLUMNS = ["part", "seconds", "share"]
+
+
+SAMPLING_PARTS = ["backbone", "diffusion head (reverse chains)", "other (embedding, bookkeeping)", "total"]
+
+
+def markdown_tables(text):
+    """Every Markdown table in text, as a list of rows of cells (the separator line dropped)."""
+    tables, rows = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            tables.append(rows)
+            rows = []
+    return tables
+
+
+def positive_finite(cell):
+    value = float(cell)
+    return math.isfinite(value) and value > 0
+
+
+def test_quick_run_reports_every_row_and_column(tmp_path):
+    json_path = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "bench.py", "--quick", "--threads", "1", "--json", str(json_path)],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    generation, training, sampling = markdown_tables(run.stdout)
+
+    assert generation[0] == GENERATION_COLUMNS
+    assert [row[0] for row in generation[1:]] == ["64", "256"]
+    assert training[0] == TRAINING_COLUMNS
+    assert [row[0] for row in training[1:]] == ["64", "256"]
+    for row in generation[1:] + training[1:]:
+        assert all(positive_finite(cell) for cell in row), row
+    assert sampling[0] == SAMPLING_COLUMNS
+    assert [row[0] for row in sampling[1:]] == SAMPLING_PARTS
+    for part, seconds, share in sampling[1:]:
+        assert positive_finite(seconds) and 0 <= float(share.rstrip("%")) <= 100, (part, seconds, share)
+    assert sampling[-1][2] == "100%"
+    assert "At P = 256:" in run.stdout and "dominates sampling" in run.stdout
+
+    figures = json.loads(json_path.read_text())
+    header = figures["header"]
+    assert header["device"] == "cpu" and header["threads"] == 1 and header["size"] == "tiny"
+    for row in figures["generation"] + figures["training"]:
+        assert all(math.isfinite(v) and v > 0 for v in row.values()), row
+    small, large = figures["generation"]
+    assert small["recurrent_bytes"] == large["recurrent_bytes"]  # the state does not grow with the prefix
+    assert large["kv_bytes"] * 65 == small["kv_bytes"] * 257  # the cache holds P + 1 tokens
+    assert large["recompute_bytes"] * 65 == small["recompute_bytes"] * 257
+    e2e = figures["sampling"]
+    assert e2e["backbone_s"] > 0 and e2e["head_s"] > 0 and e2e["other_s"] > 0
+    assert e2e["backbone_s"] + e2e["head_s"] < e2e["total_s"]
+
+
+def test_kv_cache_step_matches_full_causal_attention():
+    torch.manual_seed(0)
+    model = bench.AttentionModel(d_model=16, n_layer=2, n_head=2, seq_len=12).double().eval()
+    h = torch.randn(3, 12, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = model(h)
+        caches = model.new_cache(3, 12, torch.float64, "cpu")
+        steps = [model(h[:, :5], caches)]  # prefill, then one token at a time
+        steps += [model(h[:, n : n + 1], caches, pos=n) for n in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-12)
+    h[:, 7] += torch.randn(3, 16, dtype=torch.float64)  # a later token must not change earlier outputs
+    with torch.no_grad():
+        changed = model(h)
+    torch.testing.assert_close(changed[:, :7], full[:, :7], rtol=0, atol=0)
+    assert not torch.allclose(changed[:, 7:], full[:, 7:])
+
+
+def test_cpu_peak_bytes_follows_allocations_and_frees():
+    def allocate():
+        a = torch.empty(1 << 18)  # 1 MiB of float32
+        b = torch.empty(1 << 17)  # 0.5 MiB, both held: 1.5 MiB
+        del a, b
+        torch.empty(1 << 18)  # 1 MiB after the frees: the peak stays 1.5 MiB
+
+    assert bench.peak_bytes(allocate, torch.device("cpu")) == 3 << 19
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lengths", "64,abc"], "--lengths"),
+        (["--repeats", "0"], "--repeats"),
+        (["--size", "huge"], "--size"),
+        (["--device", "tpu"], "--device"),
+        (["--e2e-steps", "5000"], "--e2e-steps"),
+        (["--json", os.path.join("no", "such", "folder", "b.json")], "--json"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""media.py: token layouts, image files and grids, WAV files and clips."""
+
+import math
+import struct
+import wave
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import media
+from conftest import write_float_wav, write_image, write_pcm
+from media import prepare_clip, read_wav, write_wav
+
+
+def test_patchify_roundtrip_and_raster_order():
+    x = torch.randn(2, 3, 32, 32)
+    tokens = media.patchify(x, 4)
+    assert tokens.shape == (2, 64, 48)
+    assert torch.equal(media.unpatchify(tokens, 4, 3, 32, 32), x)
+    # token 1 is the patch right of token 0; token 8 is the patch below token 0
+    assert torch.equal(tokens[0, 1].view(4, 4, 3), x[0, :, 0:4, 4:8].permute(1, 2, 0))
+    assert torch.equal(tokens[0, 8].view(4, 4, 3), x[0, :, 4:8, 0:4].permute(1, 2, 0))
+
+
+def test_audio_tokens_roundtrip_and_mu_law():
+    layout = media.audio_layout()
+    wave = (torch.randint(-32768, 32768, (2, 16000)) / 32768).float()
+    tokens = media.to_tokens(wave, layout)
+    assert tokens.shape == (2, 100, 160)
+    torch.testing.assert_close(media.from_tokens(tokens, layout), wave, atol=2e-6, rtol=0)
+    quiet = torch.tensor([0.01])
+    assert media.mu_law(quiet).item() > 0.2  # a sample at 1% of full scale gets over 20% of the range
+
+
+def test_load_image_centre_crops_and_scales(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)  # 64 wide, 32 high
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    x = media.load_image(tmp_path / "wide.png", 32, 32)
+    expected = torch.from_numpy(pixels[:, 16:48]).permute(2, 0, 1).float() / 127.5 - 1  # the centre square, no resize
+    assert x.shape == (3, 32, 32) and torch.allclose(x, expected)
+    write_image(tmp_path / "big.jpg", 0, size=(97, 130))
+    y = media.load_image(tmp_path / "big.jpg", 32, 32)
+    assert y.shape == (3, 32, 32) and y.min() >= -1 and y.max() <= 1
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        media.load_image(tmp_path / "bad.jpg", 32, 32)
+
+
+def test_save_image_grid(tmp_path):
+    images = torch.stack([-torch.ones(3, 2, 2), torch.ones(3, 2, 2)])  # black, white
+    media.save_image_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=2, scale=3)
+    grid = np.asarray(Image.open(tmp_path / "sub" / "grid.png"))
+    assert grid.shape == ((2 + 2) * 3, (2 * 3 + 1) * 3, 3)  # 1 px padding around the images, x3
+    assert (grid[3:9, 3:9] == 0).all() and (grid[3:9, 12:18] == 255).all()
+
+
+def test_wav_round_trip_is_exact(tmp_path):
+    samples = torch.tensor([[-32768, -1, 0, 1, 12345, 32767]])
+    write_pcm(tmp_path / "a.wav", samples)
+    waveform, rate = read_wav(tmp_path / "a.wav")
+    assert rate == 16000 and waveform.shape == (1, 6) and waveform.dtype == torch.float32
+    assert waveform.min() == -1 and waveform.max() < 1
+    write_wav(tmp_path / "b.wav", waveform[0], 16000)
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+    write_wav(tmp_path / "c.wav", torch.tensor([-3.0, 3.0]), 8000)  # out of range: clipped
+    with wave.open(str(tmp_path / "c.wav")) as f:
+        assert (f.getnchannels(), f.getsampwidth(), f.getframerate()) == (1, 2, 8000)
+        assert struct.unpack("<2h", f.readframes(2)) == (-32768, 32767)
+
+
+def test_read_wav_refuses_what_is_not_16_bit_pcm(tmp_path):
+    write_pcm(tmp_path / "eight.wav", torch.full((1, 100), 128), width=1)
+    write_float_wav(tmp_path / "float.wav")
+    (tmp_path / "junk.wav").write_bytes(b"this is not audio at all")
+    with pytest.raises(ValueError, match="8-bit"):
+        read_wav(tmp_path / "eight.wav")
+    for name in ("float.wav", "junk.wav"):
+        with pytest.raises(ValueError, match="not a PCM WAV"):
+            read_wav(tmp_path / name)
+
+
+def test_prepare_clip_mixes_resamples_pads_and_trims():
+    stereo = torch.stack([torch.full((20000,), 0.5), torch.full((20000,), -0.1)])
+    assert torch.allclose(prepare_clip(stereo, 16000, 16000, 16000), torch.full((16000,), 0.2))
+    t = torch.arange(4000) / 8000
+    tone = torch.sin(2 * math.pi * 440 * t)[None]  # 0.5 s of 440 Hz at 8 kHz
+    clip = prepare_clip(tone, 8000, 16000, 16000)
+    assert clip.shape == (16000,)
+    assert clip[8100:].abs().max() == 0  # 0.5 s of sound, then zeros
+    spectrum = torch.fft.rfft(clip[:8000]).abs()  # 0.5 s at 16 kHz: bin k is 2k Hz
+    assert spectrum.argmax().item() * 2 == 440

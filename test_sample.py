@@ -1,0 +1,253 @@
+"""sample.py: grids, WAVs, prompts, modes, bad input."""
+
+import os
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import adr
+import sample
+import trainer
+from adr import ADR, SIZES, ADRConfig
+from media import audio_layout, image_layout, layout_shape
+from trainer import load_checkpoint, save_checkpoint
+
+IMAGE = image_layout(channels=3, height=8, width=8, patch=2)  # 16 tokens of 12 values
+
+
+AUDIO = audio_layout(sample_rate=800, length=800, chunk=50)  # 1 s: 16 tokens of 50 samples
+
+
+def make_checkpoint(path, layout, class_names):
+    """A tiny random model. The head's modulation and output start at zero, which would make every
+    sample independent of the RetNet; random head weights make samples depend on z (and on the mode)."""
+    torch.manual_seed(0)
+    seq_len, token_dim = layout_shape(layout)
+    model = ADR(ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=len(class_names), **SIZES["tiny"]))
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.05)
+    save_checkpoint(path, model, layout, class_names, ema=model)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpts")
+    return dict(
+        image=make_checkpoint(folder / "image.pt", IMAGE, ["cat", "dog", "ship"]),
+        audio=make_checkpoint(folder / "audio.pt", AUDIO, ["yes", "no"]),
+        unconditional=make_checkpoint(folder / "unconditional.pt", IMAGE, []),
+    )
+
+
+def run_sample(ckpt, out, *flags):
+    sample.main(["--ckpt", ckpt, "--out", str(out), "--steps", "3", "--device", "cpu", *flags])
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def read_pcm(path):
+    """(int16 samples, sample rate, channels, sample width) of a WAV file, read with the wave module."""
+    with wave.open(str(path)) as f:
+        frames = f.readframes(f.getnframes())
+        return np.frombuffer(frames, dtype="<i2").astype(int), f.getframerate(), f.getnchannels(), f.getsampwidth()
+
+
+def write_png(path, array):
+    Image.fromarray(array.astype(np.uint8)).save(path)
+
+
+def write_mono_pcm(path, samples, rate):
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(np.asarray(samples, dtype="<i2").tobytes())
+
+
+def grid_cell(grid, row, col, size=8, scale=4, pad=1):
+    """The image in a grid cell, downscaled back from the nearest-neighbour upscale."""
+    step = (size + pad) * scale
+    top, left = pad * scale + row * step, pad * scale + col * step
+    return grid[top : top + size * scale : scale, left : left + size * scale : scale]
+
+
+def test_image_grid_has_a_row_per_class_and_timing(ckpts, tmp_path, capsys):
+    run_sample(ckpts["image"], tmp_path, "--n", "4")
+    grid = pixels(tmp_path / "samples.png")
+    # 3 rows (classes) x 4 columns of 8x8 images, 1 pixel of padding between and around, 4x upscaled
+    assert grid.shape == ((3 * (8 + 1) + 1) * 4, (4 * (8 + 1) + 1) * 4, 3)
+    out = capsys.readouterr().out
+    assert (
+        "sampled 12 images of 16 tokens" in out
+        and "(recurrent mode, cfg 3)" in out
+        and "s/sample" in out
+        and "tokens/s" in out
+    )
+    backbone = int(out.split("backbone ")[1].split("%")[0])
+    head = int(out.split("diffusion head ")[1].split("%")[0])
+    assert 0 < backbone and 0 < head and backbone + head <= 100
+    run_sample(ckpts["image"], tmp_path / "one", "--n", "5", "--class", "dog")
+    assert pixels(tmp_path / "one" / "samples.png").shape == ((8 + 1 + 1) * 4, (5 * (8 + 1) + 1) * 4, 3)
+
+
+def test_wavs_read_back_at_the_model_rate_and_length(ckpts, tmp_path):
+    run_sample(ckpts["audio"], tmp_path, "--n", "2")
+    names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".wav"))
+    assert names == ["no_0.wav", "no_1.wav", "yes_0.wav", "yes_1.wav"]
+    for name in names:
+        samples, rate, channels, width = read_pcm(tmp_path / name)
+        assert (rate, channels, width, len(samples)) == (800, 1, 2, 800)
+        assert samples.std() > 0
+    assert (tmp_path / "spectrograms.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("with_prompt, cfg_scale", [(False, 1.0), (True, 3.0)])
+def test_modes_agree_in_float64_and_a_broken_mode_is_caught(ckpts, monkeypatch, with_prompt, cfg_scale):
+    """In float64 the recurrent state (after a chunkwise prefill of the prompt) and recomputing the
+    prefix give the same tokens to rounding error; a recurrent form that forgets the earlier tokens
+    moves them by far more, so the comparison is not vacuous."""
+    model = load_checkpoint(ckpts["image"])[0].double()
+    labels = torch.tensor([0, 1, 2, 0])
+    prompt = torch.rand(4, 5, 12, dtype=torch.float64) * 2 - 1 if with_prompt else None
+
+    def draw(mode):
+        torch.manual_seed(3)
+        return trainer.timed_sample(model, 4, labels, prompt=prompt, steps=3, cfg_scale=cfg_scale, mode=mode)[0]
+
+    recurrent, parallel = draw("recurrent"), draw("parallel")
+    scale = parallel.abs().max()
+    assert (recurrent - parallel).abs().max() <= 1e-11 * scale
+    if with_prompt:
+        assert torch.equal(recurrent[:, :5], prompt) and torch.equal(parallel[:, :5], prompt)
+    keeps_state = adr.retention_recurrent
+    monkeypatch.setattr(
+        adr, "retention_recurrent", lambda q, k, v, log_gamma, state: keeps_state(q, k, v, log_gamma, 0 * state)
+    )
+    assert (draw("recurrent") - parallel).abs().max() > 1e-8 * scale
+
+
+def test_modes_save_the_same_files(ckpts, tmp_path):
+    """The same through the command line in float32: equal images, up to rare 1-LSB rounding. (A random
+    tiny model drives most pixels to 0 or 255, so the float64 test above is the sharp one.)"""
+    for mode in ("recurrent", "parallel"):
+        run_sample(ckpts["image"], tmp_path / mode, "--n", "3", "--mode", mode, "--seed", "7")
+    recurrent, parallel = pixels(tmp_path / "recurrent" / "samples.png"), pixels(tmp_path / "parallel" / "samples.png")
+    diff = np.abs(recurrent - parallel)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    run_sample(ckpts["image"], tmp_path / "other_seed", "--n", "3", "--seed", "8")
+    assert (np.abs(pixels(tmp_path / "other_seed" / "samples.png") - recurrent) > 1).any()
+
+
+def test_image_prompt_keeps_the_top_rows(ckpts, tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, (8, 8, 3))
+    write_png(tmp_path / "prompt.png", image)
+    run_sample(ckpts["image"], tmp_path / "out", "--n", "2", "--prompt", str(tmp_path / "prompt.png"), "--keep", "0.5")
+    grid = pixels(tmp_path / "out" / "completions.png")
+    assert grid.shape == ((3 * (8 + 1) + 1) * 4, (3 * (8 + 1) + 1) * 4, 3)  # per class: prompt + 2 completions
+    for row in range(3):
+        shown = grid_cell(grid, row, 0)
+        assert np.abs(shown[:4] - image[:4]).max() <= 1  # 8 of 16 tokens: the top two patch rows
+        assert np.abs(shown[4:] - 128).max() <= 1  # the part to generate, greyed out
+        for col in (1, 2):
+            completion = grid_cell(grid, row, col)
+            assert np.abs(completion[:4] - image[:4]).max() <= 1
+            assert np.abs(completion[4:] - image[4:]).max() > 1  # the rest is generated, not copied
+
+
+def test_audio_prompt_is_continued(ckpts, tmp_path):
+    rng = np.random.default_rng(2)
+    clip = (rng.uniform(-0.5, 0.5, 800) * 32768).astype(int)
+    write_mono_pcm(tmp_path / "prompt.wav", clip, 800)
+    run_sample(
+        ckpts["audio"],
+        tmp_path / "out",
+        "--class",
+        "yes",
+        "--n",
+        "2",
+        "--prompt",
+        str(tmp_path / "prompt.wav"),
+        "--keep",
+        "0.3",
+    )
+    kept = 200  # 0.3 s = 240 samples, rounded down to whole 50-sample chunks
+    prompt, rate, _, _ = read_pcm(tmp_path / "out" / "prompt.wav")
+    assert rate == 800 and np.abs(prompt - clip[:kept]).max() <= 1
+    for name in ("yes_0.wav", "yes_1.wav"):
+        samples, rate, _, _ = read_pcm(tmp_path / "out" / name)
+        assert rate == 800 and len(samples) == 800
+        assert np.abs(samples[:kept] - clip[:kept]).max() <= 1
+        assert np.abs(samples[kept:] - clip[kept:]).max() > 100
+
+
+def fails_with(capsys, ckpt, out, message, *flags):
+    with pytest.raises(SystemExit) as exit_info:
+        run_sample(ckpt, out, *flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_bad_checkpoints(ckpts, tmp_path, capsys):
+    fails_with(capsys, str(tmp_path / "missing.pt"), tmp_path, "no checkpoint at")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    fails_with(capsys, str(tmp_path / "notes.txt"), tmp_path, "is not an adr checkpoint")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    fails_with(capsys, str(tmp_path / "other.pt"), tmp_path, "is not an adr checkpoint")
+
+
+def test_bad_classes_and_guidance(ckpts, tmp_path, capsys):
+    fails_with(
+        capsys,
+        ckpts["image"],
+        tmp_path,
+        "unknown class 'horse': this checkpoint knows cat, dog, ship",
+        "--class",
+        "horse",
+    )
+    fails_with(capsys, ckpts["unconditional"], tmp_path, "unconditional", "--class", "cat")
+    fails_with(capsys, ckpts["unconditional"], tmp_path, "guidance needs a class-conditional checkpoint", "--cfg", "3")
+
+
+def test_bad_prompts(ckpts, tmp_path, capsys):
+    write_png(tmp_path / "small.png", np.zeros((8, 8, 3)))
+    write_mono_pcm(tmp_path / "clip.wav", np.zeros(800), 800)
+    write_mono_pcm(tmp_path / "short.wav", np.zeros(100), 800)
+    fails_with(capsys, ckpts["image"], tmp_path, "no such file", "--prompt", str(tmp_path / "missing.png"))
+    fails_with(capsys, ckpts["image"], tmp_path, "this is an image model", "--prompt", str(tmp_path / "clip.wav"))
+    fails_with(capsys, ckpts["image"], tmp_path, "--keep 1", "--prompt", str(tmp_path / "small.png"), "--keep", "1")
+    fails_with(capsys, ckpts["audio"], tmp_path, "this is an audio model", "--prompt", str(tmp_path / "small.png"))
+    fails_with(capsys, ckpts["audio"], tmp_path, "shorter than --keep 0.5 s", "--prompt", str(tmp_path / "short.wav"))
+    fails_with(
+        capsys, ckpts["audio"], tmp_path, "keep at least one", "--prompt", str(tmp_path / "clip.wav"), "--keep", "0.01"
+    )
+
+
+def test_bad_flag_values(ckpts, tmp_path, capsys):
+    fails_with(capsys, ckpts["image"], tmp_path, "--steps: 0 must be at least 1", "--steps", "0")
+    fails_with(
+        capsys, ckpts["image"], tmp_path, "--steps 5000: must be between 1 and the model's 1000", "--steps", "5000"
+    )
+    fails_with(capsys, ckpts["image"], tmp_path, "--mode: invalid choice: 'fast'", "--mode", "fast")
+    fails_with(capsys, ckpts["image"], tmp_path, "--n: 'ten' is not an integer", "--n", "ten")
+    fails_with(capsys, ckpts["image"], tmp_path, "--device 'tpu': not a device adr runs on", "--device", "tpu")
+    (tmp_path / "taken").write_text("a file, not a folder")
+    fails_with(capsys, ckpts["image"], tmp_path / "taken", "cannot create the folder")
+
+
+def test_command_line_error_has_no_traceback(ckpts, tmp_path):
+    command = [sys.executable, "sample.py", "--ckpt", ckpts["image"], "--class", "horse", "--out", str(tmp_path)]
+    result = subprocess.run(
+        command, cwd=os.path.dirname(os.path.abspath(sample.__file__)), capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown class 'horse'") and "Traceback" not in result.stderr

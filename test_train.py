@@ -1,0 +1,391 @@
+"""trainer.py and the training scripts: checkpoints, the loop, resume, Ctrl-C, torchrun, bad input."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import wave
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import adr
+import data
+import media
+import train_audio
+import train_image
+import trainer
+from conftest import (
+    HERE,
+    layout_bpd,
+    randomise_head,
+    read_log,
+    run_script,
+    tiny_model,
+    write_constant,
+    write_pcm,
+)
+
+LAYOUT = media.image_layout()
+
+
+def test_checkpoint_roundtrip_gives_identical_samples(tmp_path):
+    model = randomise_head(tiny_model().eval())
+    ema = randomise_head(tiny_model(seed=1).eval())
+    path = tmp_path / "ckpt.pt"
+    trainer.save_checkpoint(path, model, media.image_layout(), ["a", "b", "c"], ema=ema, step=12)
+    assert not os.path.exists(f"{path}.tmp")
+    for use_ema, source in ((False, model), (True, ema)):
+        loaded, ckpt = trainer.load_checkpoint(path, use_ema=use_ema)
+        assert ckpt["step"] == 12 and ckpt["class_names"] == ["a", "b", "c"] and ckpt["layout"]["kind"] == "image"
+        torch.manual_seed(0)
+        a = source.sample(2, torch.tensor([0, 1]), steps=3)
+        torch.manual_seed(0)
+        b = loaded.sample(2, torch.tensor([0, 1]), steps=3)
+        assert torch.equal(a, b)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": trainer.CHECKPOINT_FORMAT, "payload": RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(trainer.CheckpointError, match="not an adr checkpoint.*refused"):
+        trainer.load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_wrong_files_give_a_clear_error(tmp_path):
+    (tmp_path / "random.pt").write_bytes(os.urandom(1000))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    ckpt = {"format": trainer.CHECKPOINT_FORMAT, "config": {"no_such_field": 1}, "model": {}}
+    torch.save(ckpt, tmp_path / "future.pt")  # an adr checkpoint this adr.py cannot build
+    for name, message in (
+        ("random.pt", "could not be read"),
+        ("other.pt", "marker"),
+        ("missing.pt", "no checkpoint at"),
+        ("future.pt", "does not match this adr.py"),
+    ):
+        with pytest.raises(trainer.CheckpointError, match=message):
+            trainer.load_checkpoint(tmp_path / name)
+
+
+FAST = [
+    "--size",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--eval-examples",
+    "4",
+    "--bpd-examples",
+    "4",
+    "--sample-steps",
+    "2",
+    "--num-workers",
+    "0",
+    "--log-every",
+    "0",
+]
+
+
+def test_held_out_examples_span_the_classes():
+    """Test sets are often stored class by class: the held-out subset must not be the first class only."""
+    images = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
+    task = trainer.Task(
+        data.ImageDataset(images, [0] * 20, True),
+        data.ImageDataset(images, [0] * 10 + [1] * 10 + [2] * 20, False),
+        LAYOUT,
+        ["a", "b", "c"],
+        None,
+    )
+    labels = torch.cat([y for _, y in trainer.held_out_batches(task, 12, 5, torch.device("cpu"))])
+    assert len(labels) == 12 and set(labels.tolist()) == {0, 1, 2}
+    again = torch.cat([y for _, y in trainer.held_out_batches(task, 12, 5, torch.device("cpu"))])
+    assert torch.equal(labels, again)  # the same examples at every evaluation
+
+
+def test_no_data_offline_gives_one_clear_line(tmp_path):
+    closed = "http://127.0.0.1:9"  # the download fails at once, as it does offline
+    proxies = {name: closed for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}
+    result = run_script(
+        ["train_image.py", "--size", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+        env={**proxies, "NO_PROXY": "", "no_proxy": ""},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not download CIFAR-10"), result.stderr
+    assert "--image-folder" in lines[0] and "cifar-10-python.tar.gz" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_smoke_run_then_resume(image_dir, tmp_path):
+    out = tmp_path / "run"
+    common = [
+        "--image-folder",
+        str(image_dir),
+        "--out",
+        str(out),
+        *FAST,
+        "--eval-every",
+        "2",
+        "--eval-bpd-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--ckpt-every",
+        "0",
+    ]
+    train_image.main(["--steps", "4", *common])
+    for name in ("ckpt.pt", "loss.png", "log.csv", "samples_000004.png"):
+        assert (out / name).is_file(), name
+    with Image.open(out / "samples_000004.png") as grid:  # one row of 10 per class, 32 px + 1 px padding, x4
+        assert grid.size == ((10 * 33 + 1) * 4, (2 * 33 + 1) * 4)
+    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 4 and ckpt["class_names"] == ["cat", "ship"] and model.config.num_classes == 2
+    assert ckpt["optimizer"]["state"][0]["step"].item() == 4
+    rows = read_log(out / "log.csv")
+    assert list(rows[0]) == ["step", "train_loss", "test_loss", "test_bpd", "test_bpd_stderr", "lr", "elapsed_s"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [r["test_loss"] != "" for r in rows] == [False, True, False, True]
+    assert rows[-1]["test_bpd"] != "" and 0 < float(rows[-1]["test_bpd"]) and rows[1]["test_bpd"] == ""
+
+    with pytest.raises(SystemExit) as e:  # the run is there: no overwriting without --resume
+        train_image.main(["--steps", "6", *common])
+    assert e.value.code == 2
+    train_image.main(["--steps", "6", "--resume", *common])
+    _, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 6
+    assert ckpt["optimizer"]["state"][0]["step"].item() == 6  # the optimizer state went on from step 4
+    assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1, 2, 3, 4, 5, 6]
+    assert [row["step"] for row in ckpt["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_same_seed_same_run(image_dir, tmp_path):
+    weights = []
+    for name in ("a", "b"):
+        train_image.main(
+            [
+                "--image-folder",
+                str(image_dir),
+                "--out",
+                str(tmp_path / name),
+                *FAST,
+                "--steps",
+                "2",
+                "--seed",
+                "3",
+                "--eval-bpd-every",
+                "0",
+                "--bpd-examples",
+                "2",
+                "--sample-steps",
+                "1",
+            ]
+        )
+        weights.append(torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_unconditional(image_dir, tmp_path):
+    out = tmp_path / "run"
+    train_image.main(
+        [
+            "--image-folder",
+            str(image_dir),
+            "--out",
+            str(out),
+            *FAST,
+            "--steps",
+            "1",
+            "--unconditional",
+            "--sample-steps",
+            "1",
+        ]
+    )
+    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert model.config.num_classes == 0 and ckpt["class_names"] == []
+    with Image.open(out / "samples_000001.png") as grid:  # 10 x 10 samples
+        assert grid.size == ((10 * 33 + 1) * 4, (10 * 33 + 1) * 4)
+
+
+def test_bits_per_dim_bound_for_a_conditional_model(image_dir):
+    train_set, test_set, names = data.image_folder_data(str(image_dir), LAYOUT)
+    torch.manual_seed(0)
+    model = adr.ADR(adr.ADRConfig(token_dim=48, seq_len=64, num_classes=2, **adr.SIZES["tiny"])).eval()
+    task = trainer.Task(train_set, test_set, LAYOUT, names, save_samples=None)
+    args = SimpleNamespace(bpd_examples=3, batch_size=2)
+    mean, stderr = trainer.held_out_bpd(model, task, args, torch.device("cpu"))
+    with torch.random.fork_rng():  # the same draws as held_out_bpd's, computed directly
+        torch.manual_seed(0)
+        chosen = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[
+            :3
+        ].tolist()  # held_out_batches' subset
+        x, y = zip(*(test_set[i] for i in chosen))
+        tokens, labels = media.to_tokens(torch.stack(x), LAYOUT), torch.tensor(y)
+        direct = torch.cat(
+            [layout_bpd(model, tokens[:2], labels[:2], LAYOUT), layout_bpd(model, tokens[2:], labels[2:], LAYOUT)]
+        ).double()
+    direct += math.log2(2) / 3072  # + log2(classes) / dims: a bound on the unconditional -log2 p(x) / dims
+    assert mean == pytest.approx(direct.mean().item(), rel=1e-9)
+    assert stderr == pytest.approx(direct.std().item() / math.sqrt(3), rel=1e-9)
+
+
+def test_bad_flags_exit_2(capsys):
+    for argv in (["--steps", "0"], ["--lr", "-1"], ["--ema", "1"], ["--size", "huge"], ["--batch-size", "x"]):
+        with pytest.raises(SystemExit) as e:
+            train_image.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: argument"), (argv, err)
+
+
+def test_sigint_leaves_a_loadable_checkpoint(image_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "train_image.py",
+        "--image-folder",
+        str(image_dir),
+        "--out",
+        str(out),
+        *FAST,
+        "--steps",
+        "100000",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/"):
+                proc.send_signal(signal.SIGINT)
+                break
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "checkpoint saved" in stdout and "--resume" in stdout and "Traceback" not in stderr
+    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] >= 2 and ckpt["optimizer"]["state"][0]["step"].item() == ckpt["step"]
+
+
+def test_torchrun_two_processes(image_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train_image.py",
+        "--image-folder",
+        str(image_dir),
+        "--out",
+        str(out),
+        *FAST,
+        "--steps",
+        "3",
+        "--bpd-examples",
+        "2",
+        "--sample-steps",
+        "1",
+    ]
+    result = run_script(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "batch 4 x 2 processes = 8 per step" in result.stdout
+    assert result.stdout.count("step 3/3 |") == 1  # only rank 0 logs
+    _, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 3 and sorted(os.listdir(out)) == ["ckpt.pt", "log.csv", "loss.png", "samples_000003.png"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--audio-folder", "missing_dir"], "is not a folder"),
+        (["--audio-folder", "{words}", "--words", "hello,nope"], "no nope in"),
+        (["--audio-folder", "{empty}"], "no readable 16-bit PCM WAV"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):
+    write_constant(tmp_path / "words" / "hello" / "a.wav", 1)
+    (tmp_path / "empty" / "hello").mkdir(parents=True)
+    (tmp_path / "empty" / "hello" / "a.wav").write_bytes(b"junk")
+    argv = [a.format(words=tmp_path / "words", empty=tmp_path / "empty") for a in argv]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train_audio.py", "--out", str(tmp_path / "out")] + argv)
+    with pytest.raises(SystemExit) as exit:
+        train_audio.main()
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def make_word_folder(root, words=("go", "stop"), per_word=10):
+    gen = torch.Generator().manual_seed(0)
+    for w, word in enumerate(words):
+        for i in range(per_word):
+            tone = torch.sin(2 * math.pi * (300 + 200 * w) * torch.arange(16000) / 16000)
+            noise = torch.randn(16000, generator=gen) * 0.05
+            write_pcm(os.path.join(root, word, f"{i:03d}.wav"), ((0.3 * tone + noise) * 32767).round()[None])
+
+
+def test_smoke_run_writes_checkpoint_wavs_and_figures(tmp_path, capsys):
+    make_word_folder(tmp_path / "words")
+    out = tmp_path / "out"
+    flags = [
+        "--size",
+        "tiny",
+        "--audio-folder",
+        str(tmp_path / "words"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--sample-steps",
+        "2",
+        "--eval-examples",
+        "2",
+        "--bpd-examples",
+        "2",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    train_audio.main(flags + ["--steps", "2"])
+    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 2 and ckpt["class_names"] == ["go", "stop"]
+    assert ckpt["layout"] == dict(kind="audio", sample_rate=16000, length=16000, chunk=160, mu=255.0)
+    assert (model.config.seq_len, model.config.token_dim, model.config.num_classes) == (100, 160, 2)
+    for word in ("go", "stop"):
+        with wave.open(str(out / "samples" / "step_000002" / f"{word}.wav")) as f:
+            assert (f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()) == (1, 2, 16000, 16000)
+    for name in ("spectrograms_000002.png", "loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "test bits/dim" in capsys.readouterr().out  # the held-out 10th files were evaluated
+    train_audio.main(flags + ["--steps", "3", "--resume"])
+    assert trainer.load_checkpoint(str(out / "ckpt.pt"))[1]["step"] == 3
+    assert (out / "samples" / "step_000003" / "stop.wav").exists()
+
+
+def test_unconditional_samples_are_numbered(tmp_path):
+    torch.manual_seed(0)
+    model = adr.ADR(adr.ADRConfig(token_dim=160, seq_len=100, num_classes=0, **adr.SIZES["tiny"])).eval()
+    real = data.Clips(torch.full((3, 16000), 1000, dtype=torch.int16), [0, 1, 1])
+    args = type("Args", (), dict(unconditional=True, sample_steps=2, cfg_scale=3.0))
+    train_audio.sample_writer(args, media.audio_layout(), ["a", "b"], real)(model, str(tmp_path), 7)
+    assert sorted(os.listdir(tmp_path / "samples" / "step_000007")) == ["sample_0.wav", "sample_1.wav"]
+    assert (tmp_path / "spectrograms_000007.png").exists()

@@ -1,0 +1,591 @@
+"""
+What the scripts share: command-line helpers (one-line errors, number types, the device check), the
+training scripts' common flags, the training loop (written once for images and audio), EMA, held-out
+loss and bits/dim, log.csv and loss.png, checkpoints, and the clocks that time sampling.
+
+A training script builds a Task (its data and how to draw its samples) and calls train(args, task).
+"""
+
+import argparse
+import copy
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Callable, NoReturn
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from adr import ADR, SIZES, ADRConfig, bits_per_dim
+from media import layout_shape, quantisation_bins, to_tokens
+
+# ----------------------------------------------------------------------------------------------
+# Command-line helpers
+
+
+def log(*parts):
+    """Print on the first process only (all processes run the same code under torchrun)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*parts, flush=True)
+
+
+def warn(message):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr that says what to do, exit code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit code 2."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def number(kind, low, low_ok=True, high=None):
+    """An argparse type: a number of `kind` that is >= low (or > low when not low_ok), and <= high if given."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"{text} must be {'at least' if low_ok else 'more than'} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be at most {high}")
+        return value
+
+    return parse
+
+
+def ema_decay(text):
+    value = number(float, 0)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be below 1")
+    return value
+
+
+def pick_device(name):
+    """--device as a torch.device that this PyTorch can run on (cpu, cuda, cuda:N, mps where there is one), or
+    one line that names the device as the problem."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name!r}: not a device adr runs on; use cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: PyTorch finds no CUDA GPU here; use --device cpu (and --size tiny to train)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPUs here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name}: this PyTorch has no Apple-silicon (MPS) GPU to use here; use --device cpu")
+    return device
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The training scripts' flags. Those whose default depends on --size: "base" is sized for about 15
+# minutes on one H100-class GPU (from a FLOP count, about 65 GFLOP per image for forward and backward),
+# "tiny" for minutes on a CPU.
+
+SIZE_DEFAULTS = {
+    "base": dict(steps=8000, batch_size=256, lr=4e-4, warmup=500, eval_every=500, sample_every=1000, ckpt_every=1000,
+                 eval_bpd_every=2000, eval_examples=1000, bpd_examples=1000),
+    "tiny": dict(steps=1000, batch_size=64, lr=1e-3, warmup=100, eval_every=100, sample_every=250, ckpt_every=250,
+                 eval_bpd_every=500, eval_examples=256, bpd_examples=256),
+}
+
+
+class Parser(OneLineErrors):
+    """The training scripts' parser: the defaults of SIZE_DEFAULTS filled in for the chosen --size."""
+
+    def parse_args(self, args=None, namespace=None):
+        args = super().parse_args(args, namespace)
+        for name, value in SIZE_DEFAULTS[args.size].items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, value)
+        return args
+
+
+def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def per_size(name, kind, low, help, low_ok=True):
+        base, tiny = SIZE_DEFAULTS["base"][name], SIZE_DEFAULTS["tiny"][name]
+        p.add_argument(f"--{name.replace('_', '-')}", type=number(kind, low, low_ok), default=argparse.SUPPRESS,
+                       help=f"{help} (default: {base} for base, {tiny} for tiny)")
+
+    p.add_argument("--size", choices=sorted(SIZES), default="base", help="model size: base for a GPU, tiny for a CPU")
+    per_size("steps", int, 1, "optimizer steps in all")
+    per_size("batch_size", int, 1, "examples per step and process (the effective batch is this times the processes)")
+    per_size("lr", float, 0, "peak learning rate, after warm-up; cosine decay to a tenth of it", low_ok=False)
+    per_size("warmup", int, 0, "steps of linear learning-rate warm-up")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.02, help="AdamW weight decay of the matrices")
+    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--ema", type=ema_decay, default=0.999, help="decay of the weights' moving average, used for "
+                   "samples and evaluation")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run")
+    p.add_argument("--device", default=default_device(), help="cuda or cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    p.add_argument("--out", default=default_out, help="folder for the checkpoint, samples, log.csv and loss.png")
+    p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out")
+    p.add_argument("--data", default="./data", help="folder the dataset is downloaded to")
+    p.add_argument("--unconditional", action="store_true", help="ignore the class labels")
+    p.add_argument("--log-every", type=number(float, 0), default=10.0, help="seconds between progress lines")
+    per_size("eval_every", int, 0, "steps between held-out loss measurements (0: at the end only)")
+    per_size("sample_every", int, 0, "steps between sample files (0: at the end only)")
+    per_size("ckpt_every", int, 0, "steps between checkpoints (0: at the end only)")
+    per_size("eval_examples", int, 1, "test examples for the held-out loss")
+    per_size("eval_bpd_every", int, 0, "steps between bits/dim measurements on the test split (0: at the end only)")
+    per_size("bpd_examples", int, 1, "test examples for bits/dim")
+    p.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=100,
+                   help="reverse diffusion steps per token for the sample files")
+    p.add_argument("--cfg-scale", type=number(float, 0), default=3.0,
+                   help="classifier-free guidance scale for the sample files (1: none)")
+    p.add_argument("--num-workers", type=number(int, 0), default=min(4, os.cpu_count() or 1),
+                   help="data loader processes")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one file with the config, weights, EMA weights, layout and class names.
+
+CHECKPOINT_FORMAT = "adr-checkpoint-v2"  # v2: the diffusion head is a DiffusionHead (weights under head.net)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path, model, layout, class_names=None, ema=None, **extra):
+    """Write atomically (temporary file, then rename): an interrupted save never leaves a broken file.
+    `extra` holds plain values or tensors (optimizer state, step, ...)."""
+    state = dict(format=CHECKPOINT_FORMAT, config=asdict(model.config), model=model.state_dict(), layout=layout,
+                 class_names=list(class_names or []), **extra)
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu", use_ema=True):
+    """Returns (model in eval mode, checkpoint dict). Loads with weights_only=True, so a file that would
+    run code when unpickled is refused; anything that is not an adr checkpoint raises CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: pass the ckpt.pt written by train_image.py or train_audio.py")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    except Exception as e:
+        code = "GLOBAL" in str(e)  # the pickle names a function or class: loading it could run code
+        why = ("it holds objects other than tensors and plain values, refused for safety" if code
+               else "it could not be read as a torch file")
+        raise CheckpointError(f"{path} is not an adr checkpoint: {why}") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == "adr-checkpoint-v1":
+        raise CheckpointError(f"{path} was written by an earlier adr (adr-checkpoint-v1), whose diffusion head "
+                              f"weights are named differently; train it again with this version")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an adr checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    try:
+        model = ADR(ADRConfig(**ckpt["config"])).to(device)
+        model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        first_line = str(e).splitlines()[0]
+        raise CheckpointError(f"{path} does not match this adr.py (config or weights differ: {first_line})") from None
+    return model.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing sampling: the backbone (model.backbone) and the diffusion head (model.head.sample, the whole
+# reverse chain of a token), the same way in sample.py and bench.py
+
+
+class Stopwatch:
+    """Adds up the time spent inside the functions it wraps. On a GPU it waits for the queued work at
+    both ends of each call, so the time is the GPU's, not only the time to queue the kernels."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, 0.0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.sync()
+            self.seconds += time.perf_counter() - start
+            return result
+
+        return timed
+
+
+def timed_sample(model, n, labels=None, **options):
+    """model.sample(n, labels, **options) with clocks on the whole call, on the RetNet (model.backbone)
+    and on the diffusion head's reverse chains (model.head.sample). Returns (tokens, seconds: total,
+    backbone, head)."""
+    clocks = {name: Stopwatch(model.pos_emb.device) for name in ("total", "backbone", "head")}
+    model.backbone = clocks["backbone"].wrap(model.backbone)
+    model.head.sample = clocks["head"].wrap(model.head.sample)
+    try:
+        tokens = clocks["total"].wrap(model.sample)(n, labels, **options)
+    finally:  # unwrap: the instance attributes go, the methods show through again
+        del model.backbone, model.head.sample
+    return tokens, {name: clock.seconds for name, clock in clocks.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop, written once for images and audio
+
+
+@dataclass
+class Task:
+    """What a training script hands to train(): the data and how to show samples."""
+
+    train_set: torch.utils.data.Dataset  # items (x, label): image (C, H, W) or waveform (N,), values in [-1, 1]
+    test_set: torch.utils.data.Dataset | None
+    layout: dict  # media.image_layout(...) or media.audio_layout(...)
+    class_names: list[str]  # [] when unconditional
+    save_samples: Callable[[ADR, str, int], None]  # (model in eval mode, out_dir, step) -> writes sample files
+
+
+def setup(args):
+    """Start the process group under torchrun (NCCL on GPU, gloo on CPU) and pick this process's device.
+    Returns (rank, world_size, device); calling it again returns the same."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        # a long timeout: the other processes wait while rank 0 downloads and decodes the dataset
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    return rank, world, device
+
+
+def rank_zero_first(args, load):
+    """Call load() on rank 0 first (it may download), then on the other processes, which find the files."""
+    rank, world, _ = setup(args)
+    if rank > 0:
+        dist.barrier()
+    result = load()
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return result
+
+
+def learning_rate(step, args):
+    """Linear warm-up to --lr, then cosine decay to a tenth of it at the last step."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+@contextmanager
+def fixed_seed(device, seed=0):
+    """The same random draws inside the block at every use (so evaluations and sample grids compare
+    across steps), without disturbing the training run's random stream."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def held_out_batches(task, count, batch_size, device):
+    """(tokens, labels or None) for `count` test examples, in batches: the same random subset every time
+    (test sets are often stored class by class, so the first `count` could all be one class)."""
+    chosen = torch.randperm(len(task.test_set), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    for start in range(0, len(chosen), batch_size):
+        x, y = zip(*(task.test_set[i] for i in chosen[start : start + batch_size]))
+        labels = torch.tensor(y, device=device) if task.class_names else None
+        yield to_tokens(torch.stack(x).to(device), task.layout), labels
+
+
+@torch.no_grad()
+def held_out_loss(model, task, args, device, autocast):
+    """The training loss of `model` on --eval-examples test examples, with fixed noise."""
+    total, n = 0.0, 0
+    with fixed_seed(device):
+        for tokens, labels in held_out_batches(task, args.eval_examples, args.batch_size, device):
+            with autocast:
+                loss = model(tokens, labels)
+            total, n = total + loss.item() * len(tokens), n + len(tokens)
+    return total / n
+
+
+def held_out_bpd(model, task, args, device):
+    """Bits per dimension on --bpd-examples test examples: (mean, standard error). A class-conditional
+    model is scored with the true labels plus log2(classes)/dims: p(x) >= p(c) p(x|c) with p(c) uniform,
+    so the result bounds the unconditional -log2 p(x) / dims as well."""
+    values = []
+    with fixed_seed(device):
+        for tokens, labels in held_out_batches(task, args.bpd_examples, args.batch_size, device):
+            bpd = bits_per_dim(model, tokens, labels, *quantisation_bins(tokens, task.layout)).cpu()
+            values.append(bpd + (math.log2(len(task.class_names)) / tokens[0].numel() if labels is not None else 0.0))
+    values = torch.cat(values).double()
+    stderr = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return values.mean().item(), stderr
+
+
+LOG_COLUMNS = ["step", "train_loss", "test_loss", "test_bpd", "test_bpd_stderr", "lr", "elapsed_s"]
+
+
+def write_log(path, rows, append):
+    """log.csv: one row per step where something was measured; blank where it was not."""
+    new = not append or not os.path.exists(path)
+    with open(path, "w" if new else "a", newline="") as f:
+        writer = csv.DictWriter(f, LOG_COLUMNS, restval="")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_losses(history, path):
+    """loss.png: train and held-out loss (left), held-out bits/dim with its standard error (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train_loss", "train"), ("test_loss", "held-out (EMA)")):
+        points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
+        if points:
+            left.plot(*zip(*points), label=label, marker="." if key == "test_loss" else None)
+    left.set(xlabel="step", ylabel="diffusion loss (MSE of the noise)", title="loss")
+    if left.lines:
+        left.legend()
+    points = [(r["step"], r["test_bpd"], r["test_bpd_stderr"]) for r in history if r.get("test_bpd") is not None]
+    if points:
+        steps, bpd, stderr = zip(*points)
+        right.errorbar(steps, bpd, yerr=[0 if math.isnan(s) else s for s in stderr], marker="o", capsize=3)
+    right.set(xlabel="step", ylabel="bits per dimension", title="held-out bits/dim (EMA, upper bound)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def ignore_sigint(worker_id):
+    """Data loader processes leave Ctrl-C to the main process, which saves a checkpoint before it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def check_out(args):
+    """Refuse to overwrite a run's checkpoint, or to resume one that is not there (cheap: call it early)."""
+    path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file: pass a folder")
+    if args.resume and not os.path.isfile(path):
+        fail(f"--resume: no checkpoint at {path}; run without --resume to start, or point --out at an earlier run")
+    if not args.resume and os.path.exists(path):
+        fail(f"{path} exists: pass --resume to continue that run, or choose another --out")
+
+
+def resume(path, model, ema, optimizer, task):
+    """Load model, EMA and optimizer state from the checkpoint; returns (step, elapsed seconds, history)."""
+    try:
+        _, ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        fail(f"--resume: {e}")
+    same_run = (ckpt["config"] == asdict(model.config) and ckpt["layout"] == task.layout
+                and ckpt["class_names"] == list(task.class_names) and "optimizer" in ckpt)
+    if not same_run:
+        fail(f"--resume: {path} was written by a different run (model size, data classes or --unconditional "
+             f"differ); use the same flags, or another --out")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"], ckpt["elapsed"], ckpt["history"]
+
+
+def train(args, task: Task) -> None:
+    rank, world, device = setup(args)
+    main = rank == 0
+    cuda = device.type == "cuda"
+    if not cuda and args.size != "tiny":
+        found = "no CUDA GPU found, so " if not torch.cuda.is_available() else ""
+        log(f"note: {found}the {args.size} model trains on the CPU, very slowly; --size tiny finishes in minutes")
+    check_out(args)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, log_path, plot_path = (os.path.join(args.out, name) for name in ("ckpt.pt", "log.csv", "loss.png"))
+
+    torch.manual_seed(args.seed)
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    seq_len, token_dim = layout_shape(task.layout)
+    config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=len(task.class_names), **SIZES[args.size])
+    model = ADR(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [dict(params=matrices, weight_decay=args.weight_decay), dict(params=others, weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=cuda)
+    step, elapsed_before, history = 0, 0.0, []
+    if args.resume:
+        step, elapsed_before, history = resume(ckpt_path, model, ema, optimizer, task)
+        if step >= args.steps:
+            fail(f"--resume: {ckpt_path} is already at step {step}; pass a larger --steps to train further")
+        log(f"resuming from {ckpt_path} at step {step}")
+    if main:
+        write_log(log_path, history, append=False)
+    torch.manual_seed(args.seed + 1000 * rank + step)  # different noise per process, and after a resume
+
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    loader = DataLoader(task.train_set, args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=cuda, drop_last=True, worker_init_fn=ignore_sigint,
+                        persistent_workers=args.num_workers > 0)
+    if len(loader) == 0:
+        fail(f"the training set has {len(task.train_set)} examples, fewer than one batch of {args.batch_size} "
+             f"per process: lower --batch-size")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    conditional = config.num_classes > 0
+    unit = "img/s" if task.layout["kind"] == "image" else "clips/s"
+    if task.test_set is None:
+        log("note: no test split, so the held-out loss and bits/dim are not measured")
+    classes = f"class-conditional ({config.num_classes} classes)" if conditional else "unconditional"
+    log(f"model: {args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {classes}, "
+        f"on {device}")
+    log(f"batch {args.batch_size} x {world} process{'es' if world > 1 else ''} = {args.batch_size * world} per step "
+        f"(effective), {args.steps} steps, {len(loader)} steps per epoch")
+
+    stop = []  # a Ctrl-C or SIGTERM lands here; the loop saves a checkpoint at the next step boundary
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def save():
+        plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        elapsed = elapsed_before + time.time() - start_time
+        save_checkpoint(ckpt_path, model, task.layout, task.class_names, ema=ema, step=step,
+                        optimizer=optimizer.state_dict(), history=history, elapsed=elapsed, args=plain_args)
+
+    def due(every):
+        return step == args.steps or (every > 0 and step % every == 0)
+
+    start_time = last_time = time.time()
+    last_step, loss_sum = step, torch.zeros((), device=device)
+    epoch, stopped = step // len(loader), False
+    try:
+        while step < args.steps and not stopped:
+            sampler.set_epoch(epoch)
+            epoch += 1
+            for x, y in loader:
+                if world > 1:  # every process stops at the same step
+                    flag = torch.tensor(float(bool(stop)), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stopped = flag.item() > 0
+                else:
+                    stopped = bool(stop)
+                if stopped or step == args.steps:
+                    break
+                lr = learning_rate(step, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                tokens = to_tokens(x.to(device, non_blocking=True), task.layout)
+                labels = y.to(device, non_blocking=True) if conditional else None
+                with autocast:
+                    loss = train_model(tokens, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))  # a short run averages fewer steps
+                step += 1
+                loss_sum += loss.detach().float()
+                if not main:
+                    continue
+
+                row, now = {}, time.time()
+                if now - last_time >= args.log_every or step == args.steps:
+                    row["train_loss"] = (loss_sum / (step - last_step)).item()
+                    rate = (step - last_step) * args.batch_size * world / (now - last_time)
+                    eta = (args.steps - step) * (now - last_time) / (step - last_step)
+                    log(f"step {step}/{args.steps} | loss {row['train_loss']:.4f} | lr {lr:.1e} | {rate:.0f} {unit} | "
+                        f"eta {format_time(eta)}")
+                    last_time, last_step, loss_sum = now, step, torch.zeros((), device=device)
+                if task.test_set is not None and due(args.eval_every):
+                    row["test_loss"] = held_out_loss(ema, task, args, device, autocast)
+                    count = min(args.eval_examples, len(task.test_set))
+                    log(f"eval step {step} | test loss {row['test_loss']:.4f} (EMA weights, {count} examples)")
+                if task.test_set is not None and due(args.eval_bpd_every):
+                    row["test_bpd"], row["test_bpd_stderr"] = held_out_bpd(ema, task, args, device)
+                    count = min(args.bpd_examples, len(task.test_set))
+                    log(f"eval step {step} | test bits/dim {row['test_bpd']:.4f} ± {row['test_bpd_stderr']:.4f} "
+                        f"(EMA weights, {count} examples)")
+                if row:
+                    row.update(step=step, lr=lr, elapsed_s=round(elapsed_before + time.time() - start_time, 1))
+                    history.append(row)
+                    write_log(log_path, [row], append=True)
+                    if "test_loss" in row or "test_bpd" in row or step == args.steps:
+                        plot_losses(history, plot_path)
+                if due(args.sample_every):
+                    with fixed_seed(device):
+                        task.save_samples(ema, args.out, step)
+                if due(args.ckpt_every):
+                    save()
+                last_time += time.time() - now  # time spent evaluating does not count towards the rate
+    except KeyboardInterrupt:
+        log(f"\ninterrupted again: quit without saving; {ckpt_path} holds the last periodic checkpoint, if any")
+        sys.exit(130)
+    finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+
+    if stopped and step < args.steps:  # a stop that lands after the last step is just the end
+        if main:
+            save()
+            plot_losses(history, plot_path)
+            log(f"\nstopped at step {step}/{args.steps}: checkpoint saved to {ckpt_path}; continue with --resume")
+        if world > 1:
+            dist.destroy_process_group()
+        sys.exit(130)
+    log(f"done: {step} steps in {format_time(elapsed_before + time.time() - start_time)}; checkpoint {ckpt_path}, "
+        f"samples and loss.png in {args.out}")
+    if world > 1:
+        dist.destroy_process_group()
