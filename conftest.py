@@ -106,3 +106,25 @@ def write_float_wav(path, n=1600):
 def layout_bpd(model, tokens, labels, layout):
     """adr.bits_per_dim with the quantisation bins of a media layout."""
     return bits_per_dim(model, tokens, labels, *quantisation_bins(tokens, layout))
+
+
+def write_mnist(root, per_class_train=20, per_class_test=10, name="MNIST", seed=0):
+    """MNIST's real on-disk format (big-endian idx files in root/<name>/raw/, unpacked), with made-up 28x28
+    "digits": class k is a bright 6x6 square at its own place (a 4 x 3 grid of places), over faint noise, so a
+    small classifier learns them in a few steps. Returns the training images (N, 28, 28) and labels."""
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, name, "raw")
+    os.makedirs(raw, exist_ok=True)
+    result = None
+    for split, per_class in (("train", per_class_train), ("t10k", per_class_test)):
+        labels = np.repeat(np.arange(10), per_class).astype(np.uint8)
+        images = rng.integers(0, 40, (len(labels), 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            top, left = 1 + 9 * (k // 4), 1 + 7 * (k % 4)
+            images[i, top : top + 6, left : left + 6] = rng.integers(200, 256)
+        with open(os.path.join(raw, f"{split}-images-idx3-ubyte"), "wb") as f:
+            f.write(np.array([2051, len(labels), 28, 28], ">i4").tobytes() + images.tobytes())
+        with open(os.path.join(raw, f"{split}-labels-idx1-ubyte"), "wb") as f:
+            f.write(np.array([2049, len(labels)], ">i4").tobytes() + labels.tobytes())
+        result = result or (images, labels)
+    return result

@@ -1,8 +1,14 @@
 """
-The datasets, read once into memory: CIFAR-10 (downloaded by torchvision) and folders of images;
-Speech Commands (downloaded by torchaudio) and folders of WAV files. Items are (x, label) with x an
-image (C, H, W) or a waveform (N,) in [-1, 1]. The training scripts and evaluate.py read data here.
+The datasets, read once into memory: CIFAR-10, MNIST and Fashion-MNIST (downloaded by torchvision) and
+folders of images; Speech Commands (downloaded by torchaudio) and folders of WAV files. Items are (x, label)
+with x an image (C, H, W) or a waveform (N,) in [-1, 1].
+
+A dataset is named by a small dict, its *source* (e.g. {"name": "mnist", "root": "/data"}), which the
+training scripts store in the checkpoint: `load_dataset(source, layout)` reads it again, so evaluate.py
+finds the data a checkpoint was trained on by itself.
 """
+
+import hashlib
 
 import io
 import os
@@ -148,6 +154,33 @@ def cifar10_data(root):
     return ImageDataset(train_x, train_y, flip=True), ImageDataset(test_x, test_y, flip=False), class_names
 
 
+MNIST_LIKE = {  # name: (torchvision class name, class names, home page)
+    "mnist": ("MNIST", [str(d) for d in range(10)], "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+    "fashion-mnist": ("FashionMNIST", ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                                       "bag", "ankle-boot"], "https://github.com/zalandoresearch/fashion-mnist"),
+}
+
+
+def mnist_data(root, name):
+    """(train set, test set, class names) of MNIST or Fashion-MNIST (28x28 grayscale) in root, downloaded by
+    torchvision if it is not there. Digits are never flipped; clothes are, like CIFAR-10's images."""
+    import torchvision
+
+    class_name, class_names, home = MNIST_LIKE[name]
+    dataset = getattr(torchvision.datasets, class_name)
+    try:
+        train, test = dataset(root, train=True, download=True), dataset(root, train=False, download=True)
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raw = os.path.join(root, class_name, "raw", "")
+        fail(f"could not download {class_name} into {root} ({reason}). Without internet, put its four files "
+             f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
+             f"(.gz as downloaded from {home}, or unpacked) in {raw} (see --data)")
+    flip = name == "fashion-mnist"
+    return (ImageDataset(train.data[:, None].contiguous(), train.targets, flip=flip),
+            ImageDataset(test.data[:, None].contiguous(), test.targets, flip=False), class_names)
+
+
 # ----------------------------------------------------------------------------------------------
 # Audio: every clip decoded once, held in memory as int16 (SC09 training: about 31k clips, 1 GB as float32)
 
@@ -271,3 +304,44 @@ def audio_folder(folder, requested_words=None):
     if skipped:
         warn(f"skipped {len(skipped)} unreadable or non-PCM file{'s' if len(skipped) > 1 else ''}, e.g. {skipped[0]}")
     return train_set, test_set if len(test_set) else None, words, len(skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: what the checkpoint records of its data
+
+
+IMAGE_DATASETS = ["cifar10", "mnist", "fashion-mnist"]
+
+
+def default_image_layout(name):
+    """The token layout a dataset trains with by default: 4x4 patches of its native images."""
+    from media import image_layout
+
+    return image_layout(channels=1, height=28, width=28) if name in MNIST_LIKE else image_layout()
+
+
+def load_dataset(source, layout):
+    """(train set, test set or None, class names) of a source dict: name (cifar10, mnist, fashion-mnist,
+    image-folder, speech-commands, audio-folder), root (a folder), and words for audio."""
+    name, root = source["name"], source["root"]
+    if name == "cifar10":
+        return cifar10_data(root)
+    if name in MNIST_LIKE:
+        return mnist_data(root, name)
+    if name == "image-folder":
+        return image_folder_data(root, layout)
+    words = ",".join(source["words"]) if source.get("words") is not None else None
+    if name == "speech-commands":
+        return speech_commands(root, words)
+    if name == "audio-folder":
+        return audio_folder(root, words)[:3]
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def fingerprint(dataset):
+    """A short hash of a dataset's contents and labels: tells whether a cached classifier saw this data."""
+    digest = hashlib.sha256()
+    values = dataset.images if isinstance(dataset, ImageDataset) else dataset.clips
+    digest.update(values.contiguous().numpy().tobytes())
+    digest.update(dataset.labels.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -88,6 +88,33 @@ def quantisation_bins(tokens, layout):
     return lo.masked_fill(k == -32768, -math.inf), hi.masked_fill(k == 32767, math.inf)
 
 
+def quantise(x, layout):
+    """What the files hold: images (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C) as in a PNG; waveforms
+    (N, L) in [-1, 1] -> int16 (N, L) as in a WAV."""
+    x = x.detach().float().cpu().clamp(-1, 1)
+    if layout["kind"] == "image":
+        return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return (x * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy()
+
+
+def dequantise(array, layout):
+    """Inverse of quantise, as the datasets scale their files: uint8 (N, H, W, C) -> (N, C, H, W) in [-1, 1];
+    int16 (N, L) -> (N, L) in [-1, 1)."""
+    x = torch.from_numpy(np.asarray(array)).float()
+    if layout["kind"] == "image":
+        return x.permute(0, 3, 1, 2) / 127.5 - 1
+    return x / 32768
+
+
+def save_samples_npz(path, x, layout, labels, class_names):
+    """Raw samples for external metrics (torch-fidelity, clean-fid, ...): `images` uint8 (N, H, W, C) or
+    `waveforms` int16 (N, L), `labels` (N,) (-1 when unconditional) and `class_names`."""
+    key = "images" if layout["kind"] == "image" else "waveforms"
+    labels = np.full(len(x), -1) if labels is None else np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
+    names = np.array(list(class_names), dtype=str)
+    np.savez(path, **{key: quantise(x, layout)}, labels=labels.astype(np.int64), class_names=names)
+
+
 # ----------------------------------------------------------------------------------------------
 # Image files
 
@@ -143,19 +170,14 @@ def read_wav(path):
     return torch.from_numpy(samples.T.astype(np.float32) / 32768), rate
 
 
-def wav_bytes(waveform):
-    """A waveform (N,) in [-1, 1] -> 16-bit little-endian PCM samples."""
-    samples = (waveform.detach().float().cpu() * 32768).round().clamp(-32768, 32767).to(torch.int16)
-    return samples.numpy().astype("<i2")
-
-
 def write_wav(path, waveform, sample_rate):
     """A waveform (N,) in [-1, 1] -> mono 16-bit PCM WAV."""
+    samples = quantise(waveform[None], dict(kind="audio"))[0].astype("<i2")
     with wave.open(str(path), "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
         f.setframerate(sample_rate)
-        f.writeframes(wav_bytes(waveform).tobytes())
+        f.writeframes(samples.tobytes())
 
 
 def prepare_clip(waveform, sample_rate, target_rate, length):

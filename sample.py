@@ -17,15 +17,14 @@ samples for the same --seed. The run's time is printed, with the shares of the R
 of the diffusion head (its whole reverse chain per token).
 """
 
-import argparse
 import os
 
 import torch
 
 from media import from_tokens, layout_shape, load_image, prepare_clip, read_wav, save_image_grid, save_spectrograms
-from media import to_tokens, write_wav
-from trainer import CheckpointError, OneLineErrors, default_device, fail, load_checkpoint, number, pick_device
-from trainer import timed_sample
+from media import save_samples_npz, to_tokens, write_wav
+from trainer import CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail, load_checkpoint, number
+from trainer import pick_device, sampling_options, timed_sample
 
 
 def parse_args(argv=None):
@@ -35,12 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=number(int, 1), default=None,
                    help="samples per class, or in all for an unconditional model (default: 10 for images, 1 for audio)")
     p.add_argument("--class", dest="class_name", default=None, help="sample this class only (default: every class)")
-    p.add_argument("--steps", type=number(int, 1), default=100, help="reverse diffusion steps per token (default: 100)")
-    p.add_argument("--temperature", type=number(float, 0), default=1.0,
-                   help="scale of the noise added at each reverse step (default: 1)")
-    p.add_argument("--cfg", type=number(float, 0), default=None, help="classifier-free guidance scale, 1 = none "
-                   "(default: 3 for a class-conditional model, as in the training sample files; 1 otherwise)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
+    add_sampling_flags(p)
     p.add_argument("--prompt", default=None, help="an image or a WAV file to continue (images are centre-cropped and "
                    "resized to the model's size, clips mixed to mono and resampled)")
     p.add_argument("--keep", type=number(float, 0, low_ok=False), default=0.5, help="with --prompt: the fraction of "
@@ -48,8 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["recurrent", "parallel"], default="recurrent",
                    help="carry the recurrent state (default), or recompute the whole prefix at every token")
     p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: cuda when there is a GPU)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="use the EMA weights when the checkpoint has them (default: yes)")
     return p.parse_args(argv)
 
 
@@ -59,9 +51,6 @@ def pick_classes(args, config, class_names):
         if args.class_name is not None:
             fail(f"--class {args.class_name}: this checkpoint is unconditional (trained without classes); "
                  f"leave --class out")
-        if args.cfg not in (None, 1.0):
-            fail(f"--cfg {args.cfg:g}: guidance needs a class-conditional checkpoint and this one has no classes; "
-                 f"leave --cfg at 1")
         return [None], ["sample"]
     names = class_names or [str(c) for c in range(config.num_classes)]
     if args.class_name is None:
@@ -116,10 +105,8 @@ def main(argv=None):
     config, layout = model.config, ckpt["layout"]
     kind = layout["kind"]
     n = args.n or (10 if kind == "image" else 1)
-    if not 1 <= args.steps <= config.diffusion_steps:
-        fail(f"--steps {args.steps}: must be between 1 and the model's {config.diffusion_steps} diffusion steps")
+    options = sampling_options(args, config)
     classes, row_names = pick_classes(args, config, ckpt["class_names"])
-    cfg_scale = args.cfg if args.cfg is not None else (3.0 if config.num_classes else 1.0)
     full_prompt, prompt, kept = None, None, 0
     if args.prompt is not None:
         if not os.path.isfile(args.prompt):
@@ -134,16 +121,17 @@ def main(argv=None):
         fail(f"--out {out}: cannot create the folder ({e.strerror})")
 
     torch.manual_seed(args.seed)
-    tokens, seconds = timed_sample(model, n * len(classes), labels, prompt=prompt, steps=args.steps,
-                                   temperature=args.temperature, cfg_scale=cfg_scale, mode=args.mode)
+    tokens, seconds = timed_sample(model, n * len(classes), labels, prompt=prompt, mode=args.mode, **options)
     total, count = seconds["total"], tokens.shape[0]
     what = f"{count} {'image' if kind == 'image' else 'clip'}{'s' if count > 1 else ''} of {config.seq_len} tokens"
     what += f" ({kept} from the prompt)" if kept else ""
-    print(f"sampled {what} in {total:.2f} s ({args.mode} mode, cfg {cfg_scale:g}): {total / count:.3f} s/sample, "
-          f"{count * (config.seq_len - kept) / total:.0f} tokens/s; backbone {100 * seconds['backbone'] / total:.0f}%, "
-          f"diffusion head {100 * seconds['head'] / total:.0f}%")
+    print(f"sampled {what} in {total:.2f} s ({args.mode} mode, cfg {options['cfg_scale']:g}): "
+          f"{total / count:.3f} s/sample, {count * (config.seq_len - kept) / total:.0f} tokens/s; "
+          f"backbone {100 * seconds['backbone'] / total:.0f}%, diffusion head {100 * seconds['head'] / total:.0f}%")
 
     samples = from_tokens(tokens.float().cpu(), layout)
+    all_names = ckpt["class_names"] or [str(c) for c in range(config.num_classes)]  # what the labels index
+    save_samples_npz(os.path.join(out, "samples.npz"), samples, layout, labels, all_names)
     if kind == "image":
         save_images(samples, full_prompt, kept, layout, n, len(classes), out)
     else:

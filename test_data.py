@@ -4,6 +4,7 @@ the real on-disk formats."""
 import math
 import os
 import pickle
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import data
 import media
-from conftest import write_constant, write_float_wav, write_pcm
+from conftest import write_constant, write_float_wav, write_mnist, write_pcm
 
 LAYOUT = media.image_layout()
 
@@ -192,3 +193,27 @@ def test_audio_folder_resamples_mixes_pads_and_skips(tmp_path, capsys):
     assert clips[(-20000, "world")].eq(-20000 / 32768).all()  # trimmed to 1 s, not normalised
     train_set, test_set, words, _ = data.audio_folder(str(words_dir), "world")
     assert words == ["world"] and len(train_set) == 2 and test_set is None
+
+
+def test_mnist_files_are_read_as_they_are(tmp_path, monkeypatch, capsys):
+    images, labels = write_mnist(tmp_path, per_class_train=3, per_class_test=2)
+    train_set, test_set, names = data.mnist_data(str(tmp_path), "mnist")
+    assert names == [str(d) for d in range(10)] and len(train_set) == 30 and len(test_set) == 20
+    assert torch.equal(train_set.images[:, 0], torch.from_numpy(images))
+    assert train_set.labels.tolist() == labels.tolist()
+    x, label = train_set[4]
+    assert label == labels[4] and x.shape == (1, 28, 28)
+    assert all(torch.equal(train_set[4][0], x) for _ in range(20))  # digits are never flipped
+    assert torch.equal(x, torch.from_numpy(images[4]).float()[None] / 127.5 - 1)
+    write_mnist(tmp_path, per_class_train=3, per_class_test=2, name="FashionMNIST")
+    train_set, _, names = data.mnist_data(str(tmp_path), "fashion-mnist")
+    assert names[0] == "t-shirt" and train_set.flip
+
+    def offline(*args, **kwargs):
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        data.mnist_data(str(tmp_path / "empty"), "mnist")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "train-images-idx3-ubyte" in err

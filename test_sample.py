@@ -251,3 +251,20 @@ def test_command_line_error_has_no_traceback(ckpts, tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown class 'horse'") and "Traceback" not in result.stderr
+
+
+def test_raw_samples_are_saved_as_npz(ckpts, tmp_path):
+    run_sample(ckpts["image"], tmp_path / "image", "--n", "2")
+    saved = np.load(tmp_path / "image" / "samples.npz")
+    assert saved["images"].shape == (6, 8, 8, 3) and saved["images"].dtype == np.uint8
+    assert saved["labels"].tolist() == [0, 0, 1, 1, 2, 2] and saved["class_names"].tolist() == ["cat", "dog", "ship"]
+    grid = pixels(tmp_path / "image" / "samples.png")
+    assert np.array_equal(grid_cell(grid, 1, 1), saved["images"][3])  # row: class dog, column: its 2nd sample
+    run_sample(ckpts["audio"], tmp_path / "audio", "--n", "1", "--class", "no")
+    saved = np.load(tmp_path / "audio" / "samples.npz")
+    assert saved["waveforms"].shape == (1, 800) and saved["waveforms"].dtype == np.int16
+    assert saved["labels"].tolist() == [1] and saved["class_names"].tolist() == ["yes", "no"]
+    assert np.array_equal(saved["waveforms"][0], read_pcm(tmp_path / "audio" / "no_0.wav")[0])
+    run_sample(ckpts["unconditional"], tmp_path / "unconditional", "--n", "3")
+    saved = np.load(tmp_path / "unconditional" / "samples.npz")
+    assert saved["labels"].tolist() == [-1, -1, -1] and saved["class_names"].tolist() == []

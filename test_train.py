@@ -97,16 +97,11 @@ FAST = [
 def test_held_out_examples_span_the_classes():
     """Test sets are often stored class by class: the held-out subset must not be the first class only."""
     images = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
-    task = trainer.Task(
-        data.ImageDataset(images, [0] * 20, True),
-        data.ImageDataset(images, [0] * 10 + [1] * 10 + [2] * 20, False),
-        LAYOUT,
-        ["a", "b", "c"],
-        None,
-    )
-    labels = torch.cat([y for _, y in trainer.held_out_batches(task, 12, 5, torch.device("cpu"))])
+    test_set = data.ImageDataset(images, [0] * 10 + [1] * 10 + [2] * 20, False)
+    batches = lambda: trainer.held_out_batches(test_set, LAYOUT, True, 12, 5, torch.device("cpu"))  # noqa: E731
+    labels = torch.cat([y for _, y in batches()])
     assert len(labels) == 12 and set(labels.tolist()) == {0, 1, 2}
-    again = torch.cat([y for _, y in trainer.held_out_batches(task, 12, 5, torch.device("cpu"))])
+    again = torch.cat([y for _, y in batches()])
     assert torch.equal(labels, again)  # the same examples at every evaluation
 
 
@@ -218,14 +213,10 @@ def test_bits_per_dim_bound_for_a_conditional_model(image_dir):
     train_set, test_set, names = data.image_folder_data(str(image_dir), LAYOUT)
     torch.manual_seed(0)
     model = adr.ADR(adr.ADRConfig(token_dim=48, seq_len=64, num_classes=2, **adr.SIZES["tiny"])).eval()
-    task = trainer.Task(train_set, test_set, LAYOUT, names, save_samples=None)
-    args = SimpleNamespace(bpd_examples=3, batch_size=2)
-    mean, stderr = trainer.held_out_bpd(model, task, args, torch.device("cpu"))
+    mean, stderr = trainer.held_out_bpd(model, test_set, LAYOUT, len(names), 3, 2, torch.device("cpu"))
     with torch.random.fork_rng():  # the same draws as held_out_bpd's, computed directly
         torch.manual_seed(0)
-        chosen = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[
-            :3
-        ].tolist()  # held_out_batches' subset
+        chosen = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:3].tolist()  # the subset
         x, y = zip(*(test_set[i] for i in chosen))
         tokens, labels = media.to_tokens(torch.stack(x), LAYOUT), torch.tensor(y)
         direct = torch.cat(
@@ -389,3 +380,18 @@ def test_unconditional_samples_are_numbered(tmp_path):
     train_audio.sample_writer(args, media.audio_layout(), ["a", "b"], real)(model, str(tmp_path), 7)
     assert sorted(os.listdir(tmp_path / "samples" / "step_000007")) == ["sample_0.wav", "sample_1.wav"]
     assert (tmp_path / "spectrograms_000007.png").exists()
+
+
+def test_a_time_budget_ends_the_run_and_schedules_the_learning_rate(image_dir, tmp_path, capsys):
+    args = SimpleNamespace(steps=None, minutes=2.0, warmup=10, lr=1.0)
+    assert trainer.run_progress(500, 60.0, args) == 0.5  # no step limit: the clock decides
+    assert trainer.learning_rate(5, 0.0, args) == 0.6  # warm-up by steps
+    assert trainer.learning_rate(50, 0.5, args) == pytest.approx(0.55)  # half-way down the cosine to 0.1
+    args.steps = 110
+    assert trainer.run_progress(60, 30.0, args) == 0.5 and trainer.run_progress(110, 0.0, args) == 1.0
+    out = tmp_path / "run"
+    train_image.main(["--image-folder", str(image_dir), "--out", str(out), *FAST, "--minutes", "0.03"])
+    printed = capsys.readouterr().out
+    assert "0.03 minutes at most" in printed and "done:" in printed
+    _, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] >= 1 and ckpt["elapsed"] >= 1.8 and ckpt["source"]["name"] == "image-folder"

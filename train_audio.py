@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from data import CLIP_LENGTH, SAMPLE_RATE, audio_folder, speech_commands
+from data import CLIP_LENGTH, SAMPLE_RATE, load_dataset
 from media import audio_layout, from_tokens, rms, save_spectrograms, write_wav
 from trainer import Task, check_out, common_parser, log, rank_zero_first, setup, train
 
@@ -83,13 +83,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     setup(args)
     check_out(args)
+    words = [w.strip() for w in args.words.split(",")] if args.words is not None else None
     if args.audio_folder is not None:
-        train_set, test_set, words, _ = rank_zero_first(args, lambda: audio_folder(args.audio_folder, args.words))
+        source = dict(name="audio-folder", root=os.path.abspath(args.audio_folder), words=words)
     else:
-        train_set, test_set, words = rank_zero_first(args, lambda: speech_commands(args.data, args.words))
+        source = dict(name="speech-commands", root=os.path.abspath(args.data), words=words)
     layout = audio_layout(sample_rate=SAMPLE_RATE, length=CLIP_LENGTH, chunk=160, mu=255.0)
+    train_set, test_set, words = rank_zero_first(args, lambda: load_dataset(source, layout))
+    source["words"] = words  # the classes, in label order, as evaluate.py must read them again
     save_samples = sample_writer(args, layout, words, test_set if test_set is not None else train_set)
-    train(args, Task(train_set, test_set, layout, [] if args.unconditional else words, save_samples))
+    train(args, Task(train_set, test_set, layout, [] if args.unconditional else words, save_samples, source))
 
 
 if __name__ == "__main__":

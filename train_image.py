@@ -1,11 +1,13 @@
 """
-Train ADR on CIFAR-10, or on any folder of images.
+Train ADR on CIFAR-10, MNIST, Fashion-MNIST, or any folder of images.
 
-    python train_image.py                              # CIFAR-10, class-conditional, base model, one GPU
-    python train_image.py --size tiny                  # a small model that trains on a CPU
-    python train_image.py --image-folder DIR           # DIR/<class>/*.png|jpg, or DIR/train/<class>/... (+ DIR/test/)
-    torchrun --nproc_per_node=4 train_image.py         # DistributedDataParallel, one process per GPU
+    python train_image.py                                   # CIFAR-10, class-conditional, base model, one GPU
+    python train_image.py --dataset mnist --size tiny       # digits on a CPU
+    python train_image.py --image-folder DIR                # DIR/<class>/*.png|jpg, or DIR/train/<class>/...
+    torchrun --nproc_per_node=4 train_image.py              # DistributedDataParallel, one process per GPU
 
+Images become tokens of p x p patches in raster order: CIFAR-10 and folders at 32x32 RGB (64 tokens of 48
+values with 4x4 patches), MNIST and Fashion-MNIST at their native 28x28 grayscale (49 tokens of 16 values).
 Writes to --out (default out/image): ckpt.pt, samples_<step>.png (one row per class), log.csv and loss.png.
 """
 
@@ -13,8 +15,8 @@ import os
 
 import torch
 
-from data import cifar10_data, image_folder_data
-from media import from_tokens, image_layout, save_image_grid
+from data import IMAGE_DATASETS, default_image_layout, load_dataset
+from media import from_tokens, save_image_grid
 from trainer import Task, check_out, common_parser, log, rank_zero_first, setup, train
 
 
@@ -34,25 +36,26 @@ def sample_grid_writer(args, layout, class_names, per_row=10):
 
 
 def main(argv=None):
-    parser = common_parser("Train ADR on CIFAR-10 (downloaded to --data) or on a folder of images.",
-                           default_out=os.path.join("out", "image"))
+    parser = common_parser("Train ADR on CIFAR-10, MNIST or Fashion-MNIST (downloaded to --data), or on a folder "
+                           "of images.", default_out=os.path.join("out", "image"))
+    parser.add_argument("--dataset", choices=IMAGE_DATASETS, default="cifar10", help="the dataset to download")
     parser.add_argument("--image-folder", metavar="DIR", help="train on DIR/<class>/*.png|jpg (or "
-                        "DIR/train/<class>/... with an optional DIR/test/) instead of CIFAR-10")
+                        "DIR/train/<class>/... with an optional DIR/test/), read as 32x32 RGB, instead of --dataset")
     args = parser.parse_args(argv)
     setup(args)
     check_out(args)
-    layout = image_layout()
     if args.image_folder:
-        train_set, test_set, class_names = rank_zero_first(args, lambda: image_folder_data(args.image_folder, layout))
-        source = args.image_folder
+        source = dict(name="image-folder", root=os.path.abspath(args.image_folder))
     else:
-        train_set, test_set, class_names = rank_zero_first(args, lambda: cifar10_data(args.data))
-        source = f"CIFAR-10 in {args.data}"
+        source = dict(name=args.dataset, root=os.path.abspath(args.data))
+    layout = default_image_layout(source["name"])
+    train_set, test_set, class_names = rank_zero_first(args, lambda: load_dataset(source, layout))
     test = f", {len(test_set)} test" if test_set is not None else ""
-    log(f"data: {source}: {len(train_set)} train{test} images, {len(class_names)} classes")
+    log(f"data: {source['name']} in {source['root']}: {len(train_set)} train{test} images, {len(class_names)} classes")
     if args.unconditional:
         class_names = []
-    train(args, Task(train_set, test_set, layout, class_names, sample_grid_writer(args, layout, class_names)))
+    save_samples = sample_grid_writer(args, layout, class_names)
+    train(args, Task(train_set, test_set, layout, class_names, save_samples, source))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ def number(kind, low, low_ok=True, high=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if value < low or (value == low and not low_ok):
             raise argparse.ArgumentTypeError(f"{text} must be {'at least' if low_ok else 'more than'} {low}")
         if high is not None and value > high:
@@ -122,14 +124,42 @@ SIZE_DEFAULTS = {
 
 
 class Parser(OneLineErrors):
-    """The training scripts' parser: the defaults of SIZE_DEFAULTS filled in for the chosen --size."""
+    """The training scripts' parser: the defaults of SIZE_DEFAULTS filled in for the chosen --size (with a time
+    budget, --minutes, and no --steps, the run has no step limit)."""
 
     def parse_args(self, args=None, namespace=None):
         args = super().parse_args(args, namespace)
         for name, value in SIZE_DEFAULTS[args.size].items():
             if getattr(args, name, None) is None:
-                setattr(args, name, value)
+                setattr(args, name, None if name == "steps" and args.minutes is not None else value)
         return args
+
+
+# The sampling settings, in one place for sample.py, evaluate.py and the training scripts' sample files.
+SAMPLING = dict(steps=100, temperature=1.0, cfg_scale=3.0)
+
+
+def add_sampling_flags(p):
+    p.add_argument("--steps", type=number(int, 1), default=SAMPLING["steps"],
+                   help=f"reverse diffusion steps per token (default: {SAMPLING['steps']})")
+    p.add_argument("--temperature", type=number(float, 0), default=SAMPLING["temperature"],
+                   help=f"scale of the noise added at each reverse step (default: {SAMPLING['temperature']:g})")
+    p.add_argument("--cfg", type=number(float, 0), default=None, help=f"classifier-free guidance scale, 1 = none "
+                   f"(default: {SAMPLING['cfg_scale']:g} for a class-conditional model, 1 otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights when the checkpoint has them (default: yes)")
+
+
+def sampling_options(args, config):
+    """The keyword arguments of model.sample from the sampling flags, checked against the model."""
+    if not 1 <= args.steps <= config.diffusion_steps:
+        fail(f"--steps {args.steps}: must be between 1 and the model's {config.diffusion_steps} diffusion steps")
+    if config.num_classes == 0 and args.cfg not in (None, 1.0):
+        fail(f"--cfg {args.cfg:g}: guidance needs a class-conditional checkpoint and this one has no classes; "
+             f"leave --cfg at 1")
+    cfg_scale = args.cfg if args.cfg is not None else (SAMPLING["cfg_scale"] if config.num_classes else 1.0)
+    return dict(steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale)
 
 
 def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
@@ -142,6 +172,9 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
 
     p.add_argument("--size", choices=sorted(SIZES), default="base", help="model size: base for a GPU, tiny for a CPU")
     per_size("steps", int, 1, "optimizer steps in all")
+    p.add_argument("--minutes", type=number(float, 0, low_ok=False), default=None,
+                   help="a time budget: stop after this many minutes of training (with --steps, at the first of the "
+                   "two); the learning rate decays over the budget")
     per_size("batch_size", int, 1, "examples per step and process (the effective batch is this times the processes)")
     per_size("lr", float, 0, "peak learning rate, after warm-up; cosine decay to a tenth of it", low_ok=False)
     per_size("warmup", int, 0, "steps of linear learning-rate warm-up")
@@ -163,9 +196,9 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     per_size("eval_examples", int, 1, "test examples for the held-out loss")
     per_size("eval_bpd_every", int, 0, "steps between bits/dim measurements on the test split (0: at the end only)")
     per_size("bpd_examples", int, 1, "test examples for bits/dim")
-    p.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=100,
+    p.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=SAMPLING["steps"],
                    help="reverse diffusion steps per token for the sample files")
-    p.add_argument("--cfg-scale", type=number(float, 0), default=3.0,
+    p.add_argument("--cfg-scale", type=number(float, 0), default=SAMPLING["cfg_scale"],
                    help="classifier-free guidance scale for the sample files (1: none)")
     p.add_argument("--num-workers", type=number(int, 0), default=min(4, os.cpu_count() or 1),
                    help="data loader processes")
@@ -277,6 +310,7 @@ class Task:
     layout: dict  # media.image_layout(...) or media.audio_layout(...)
     class_names: list[str]  # [] when unconditional
     save_samples: Callable[[ADR, str, int], None]  # (model in eval mode, out_dir, step) -> writes sample files
+    source: dict  # where the data came from (data.load_dataset reads it again), stored in the checkpoint
 
 
 def setup(args):
@@ -304,12 +338,35 @@ def rank_zero_first(args, load):
     return result
 
 
-def learning_rate(step, args):
-    """Linear warm-up to --lr, then cosine decay to a tenth of it at the last step."""
+def run_progress(step, seconds, args):
+    """How much of the run is done, from 0 to 1: the fraction of --steps after the warm-up, or of --minutes,
+    whichever is further (a run ends at the first of the two limits it reaches)."""
+    done = 0.0
+    if args.steps is not None:
+        done = max(done, (step - args.warmup) / max(1, args.steps - args.warmup) if step < args.steps else 1.0)
+    if args.minutes is not None:
+        done = max(done, seconds / (60 * args.minutes))
+    return min(1.0, done)
+
+
+def learning_rate(step, progress, args):
+    """Linear warm-up over --warmup steps to --lr, then cosine decay to a tenth of it at the end of the run."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def eta(step, seconds, seconds_per_step, args):
+    """Seconds left: to the last step, or to the end of the time budget, whichever comes first."""
+    left = [(args.steps - step) * seconds_per_step] if args.steps is not None else []
+    left += [60 * args.minutes - seconds] if args.minutes is not None else []
+    return max(0.0, min(left))
+
+
+def fail_run(message: str) -> NoReturn:
+    """A run that cannot go on (not bad input): one line on stderr, exit code 1."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 @torch.no_grad()
@@ -327,37 +384,39 @@ def fixed_seed(device, seed=0):
         yield
 
 
-def held_out_batches(task, count, batch_size, device):
+def held_out_batches(test_set, layout, conditional, count, batch_size, device):
     """(tokens, labels or None) for `count` test examples, in batches: the same random subset every time
     (test sets are often stored class by class, so the first `count` could all be one class)."""
-    chosen = torch.randperm(len(task.test_set), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    chosen = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:count].tolist()
     for start in range(0, len(chosen), batch_size):
-        x, y = zip(*(task.test_set[i] for i in chosen[start : start + batch_size]))
-        labels = torch.tensor(y, device=device) if task.class_names else None
-        yield to_tokens(torch.stack(x).to(device), task.layout), labels
+        x, y = zip(*(test_set[i] for i in chosen[start : start + batch_size]))
+        labels = torch.tensor(y, device=device) if conditional else None
+        yield to_tokens(torch.stack(x).to(device), layout), labels
 
 
 @torch.no_grad()
 def held_out_loss(model, task, args, device, autocast):
     """The training loss of `model` on --eval-examples test examples, with fixed noise."""
     total, n = 0.0, 0
+    conditional = bool(task.class_names)
     with fixed_seed(device):
-        for tokens, labels in held_out_batches(task, args.eval_examples, args.batch_size, device):
+        for tokens, labels in held_out_batches(task.test_set, task.layout, conditional, args.eval_examples,
+                                               args.batch_size, device):
             with autocast:
                 loss = model(tokens, labels)
             total, n = total + loss.item() * len(tokens), n + len(tokens)
     return total / n
 
 
-def held_out_bpd(model, task, args, device):
-    """Bits per dimension on --bpd-examples test examples: (mean, standard error). A class-conditional
-    model is scored with the true labels plus log2(classes)/dims: p(x) >= p(c) p(x|c) with p(c) uniform,
-    so the result bounds the unconditional -log2 p(x) / dims as well."""
+def held_out_bpd(model, test_set, layout, num_classes, count, batch_size, device):
+    """Bits per dimension on `count` test examples: (mean, standard error). A class-conditional model is
+    scored with the true labels plus log2(classes)/dims: p(x) >= p(c) p(x|c) with p(c) uniform, so the
+    result bounds the unconditional -log2 p(x) / dims as well."""
     values = []
     with fixed_seed(device):
-        for tokens, labels in held_out_batches(task, args.bpd_examples, args.batch_size, device):
-            bpd = bits_per_dim(model, tokens, labels, *quantisation_bins(tokens, task.layout)).cpu()
-            values.append(bpd + (math.log2(len(task.class_names)) / tokens[0].numel() if labels is not None else 0.0))
+        for tokens, labels in held_out_batches(test_set, layout, num_classes > 0, count, batch_size, device):
+            bpd = bits_per_dim(model, tokens, labels, *quantisation_bins(tokens, layout)).cpu()
+            values.append(bpd + (math.log2(num_classes) / tokens[0].numel() if labels is not None else 0.0))
     values = torch.cat(values).double()
     stderr = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
     return values.mean().item(), stderr
@@ -460,8 +519,11 @@ def train(args, task: Task) -> None:
     step, elapsed_before, history = 0, 0.0, []
     if args.resume:
         step, elapsed_before, history = resume(ckpt_path, model, ema, optimizer, task)
-        if step >= args.steps:
+        if args.steps is not None and step >= args.steps:
             fail(f"--resume: {ckpt_path} is already at step {step}; pass a larger --steps to train further")
+        if args.minutes is not None and elapsed_before >= 60 * args.minutes:
+            fail(f"--resume: {ckpt_path} has trained for {format_time(elapsed_before)} already; pass a larger "
+                 f"--minutes to train further")
         log(f"resuming from {ckpt_path} at step {step}")
     if main:
         write_log(log_path, history, append=False)
@@ -486,8 +548,10 @@ def train(args, task: Task) -> None:
     classes = f"class-conditional ({config.num_classes} classes)" if conditional else "unconditional"
     log(f"model: {args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {classes}, "
         f"on {device}")
+    length = " and ".join(([f"{args.steps} steps"] if args.steps else []) +
+                          ([f"{args.minutes:g} minutes"] if args.minutes else []))
     log(f"batch {args.batch_size} x {world} process{'es' if world > 1 else ''} = {args.batch_size * world} per step "
-        f"(effective), {args.steps} steps, {len(loader)} steps per epoch")
+        f"(effective), {length} at most, {len(loader)} steps per epoch")
 
     stop = []  # a Ctrl-C or SIGTERM lands here; the loop saves a checkpoint at the next step boundary
 
@@ -498,20 +562,23 @@ def train(args, task: Task) -> None:
 
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    def elapsed():
+        return elapsed_before + time.time() - start_time
+
     def save():
         plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-        elapsed = elapsed_before + time.time() - start_time
-        save_checkpoint(ckpt_path, model, task.layout, task.class_names, ema=ema, step=step,
-                        optimizer=optimizer.state_dict(), history=history, elapsed=elapsed, args=plain_args)
+        save_checkpoint(ckpt_path, model, task.layout, task.class_names, ema=ema, step=step, source=task.source,
+                        optimizer=optimizer.state_dict(), history=history, elapsed=elapsed(), args=plain_args)
 
     def due(every):
-        return step == args.steps or (every > 0 and step % every == 0)
+        return finished or (every > 0 and step % every == 0)
 
     start_time = last_time = time.time()
     last_step, loss_sum = step, torch.zeros((), device=device)
-    epoch, stopped = step // len(loader), False
+    epoch, stopped, finished = step // len(loader), False, False
+    of_steps = f"/{args.steps}" if args.steps else ""
     try:
-        while step < args.steps and not stopped:
+        while not finished and not stopped:
             sampler.set_epoch(epoch)
             epoch += 1
             for x, y in loader:
@@ -521,15 +588,19 @@ def train(args, task: Task) -> None:
                     stopped = flag.item() > 0
                 else:
                     stopped = bool(stop)
-                if stopped or step == args.steps:
+                if stopped:
                     break
-                lr = learning_rate(step, args)
+                lr = learning_rate(step, run_progress(step, elapsed(), args), args)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tokens = to_tokens(x.to(device, non_blocking=True), task.layout)
                 labels = y.to(device, non_blocking=True) if conditional else None
                 with autocast:
                     loss = train_model(tokens, labels)
+                if not torch.isfinite(loss).item():  # before the update: the weights and the checkpoint stay good
+                    kept = f"{ckpt_path} holds the last good one" if os.path.exists(ckpt_path) else "none was saved"
+                    fail_run(f"the training loss is {loss.item()} at step {step + 1}; stopped without saving ({kept}). "
+                             f"Lower --lr, or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if args.grad_clip > 0:
@@ -538,31 +609,39 @@ def train(args, task: Task) -> None:
                 update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))  # a short run averages fewer steps
                 step += 1
                 loss_sum += loss.detach().float()
+                finished = run_progress(step, elapsed(), args) >= 1
+                if world > 1 and args.minutes:  # the clocks differ: every process ends at the same step
+                    flag = torch.tensor(float(finished), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    finished = flag.item() > 0
                 if not main:
+                    if finished:
+                        break
                     continue
 
                 row, now = {}, time.time()
-                if now - last_time >= args.log_every or step == args.steps:
+                if now - last_time >= args.log_every or finished:
                     row["train_loss"] = (loss_sum / (step - last_step)).item()
                     rate = (step - last_step) * args.batch_size * world / (now - last_time)
-                    eta = (args.steps - step) * (now - last_time) / (step - last_step)
-                    log(f"step {step}/{args.steps} | loss {row['train_loss']:.4f} | lr {lr:.1e} | {rate:.0f} {unit} | "
-                        f"eta {format_time(eta)}")
+                    left = eta(step, elapsed(), (now - last_time) / (step - last_step), args)
+                    log(f"step {step}{of_steps} | loss {row['train_loss']:.4f} | lr {lr:.1e} | {rate:.0f} {unit} | "
+                        f"eta {format_time(left)}")
                     last_time, last_step, loss_sum = now, step, torch.zeros((), device=device)
                 if task.test_set is not None and due(args.eval_every):
                     row["test_loss"] = held_out_loss(ema, task, args, device, autocast)
                     count = min(args.eval_examples, len(task.test_set))
                     log(f"eval step {step} | test loss {row['test_loss']:.4f} (EMA weights, {count} examples)")
                 if task.test_set is not None and due(args.eval_bpd_every):
-                    row["test_bpd"], row["test_bpd_stderr"] = held_out_bpd(ema, task, args, device)
+                    row["test_bpd"], row["test_bpd_stderr"] = held_out_bpd(
+                        ema, task.test_set, task.layout, config.num_classes, args.bpd_examples, args.batch_size, device)
                     count = min(args.bpd_examples, len(task.test_set))
                     log(f"eval step {step} | test bits/dim {row['test_bpd']:.4f} ± {row['test_bpd_stderr']:.4f} "
                         f"(EMA weights, {count} examples)")
                 if row:
-                    row.update(step=step, lr=lr, elapsed_s=round(elapsed_before + time.time() - start_time, 1))
+                    row.update(step=step, lr=lr, elapsed_s=round(elapsed(), 1))
                     history.append(row)
                     write_log(log_path, [row], append=True)
-                    if "test_loss" in row or "test_bpd" in row or step == args.steps:
+                    if "test_loss" in row or "test_bpd" in row or finished:
                         plot_losses(history, plot_path)
                 if due(args.sample_every):
                     with fixed_seed(device):
@@ -570,6 +649,8 @@ def train(args, task: Task) -> None:
                 if due(args.ckpt_every):
                     save()
                 last_time += time.time() - now  # time spent evaluating does not count towards the rate
+                if finished:
+                    break
     except KeyboardInterrupt:
         log(f"\ninterrupted again: quit without saving; {ckpt_path} holds the last periodic checkpoint, if any")
         sys.exit(130)
@@ -577,15 +658,14 @@ def train(args, task: Task) -> None:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 
-    if stopped and step < args.steps:  # a stop that lands after the last step is just the end
+    if stopped and not finished:  # a stop that lands after the last step is just the end
         if main:
             save()
             plot_losses(history, plot_path)
-            log(f"\nstopped at step {step}/{args.steps}: checkpoint saved to {ckpt_path}; continue with --resume")
+            log(f"\nstopped at step {step}{of_steps}: checkpoint saved to {ckpt_path}; continue with --resume")
         if world > 1:
             dist.destroy_process_group()
         sys.exit(130)
-    log(f"done: {step} steps in {format_time(elapsed_before + time.time() - start_time)}; checkpoint {ckpt_path}, "
-        f"samples and loss.png in {args.out}")
+    log(f"done: {step} steps in {format_time(elapsed())}; checkpoint {ckpt_path}, samples and loss.png in {args.out}")
     if world > 1:
         dist.destroy_process_group()

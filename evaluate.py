@@ -1,0 +1,355 @@
+"""
+Score a checkpoint by its samples, offline: a small classifier trained on the checkpoint's own data says
+how often a sample is recognised as the class it was asked for, and how far the samples lie from real
+held-out examples in the classifier's features (a Fréchet distance, next to the same distance between two
+halves of real data: the floor a perfect model would reach with this many examples).
+
+    python evaluate.py --ckpt out/image/ckpt.pt                      # up to 50 samples per class
+    python evaluate.py --ckpt out/image/ckpt.pt --n 20 --json s.json # the same numbers, also as JSON
+    python evaluate.py --ckpt out/audio/ckpt.pt --cfg 1              # sampling flags as in sample.py
+
+The checkpoint says which data it was trained on (--data points elsewhere). The classifier (a CNN on the
+pixels of images, or on the log-mel spectrogram of clips) is trained on that data's training split the first
+time, and cached next to the data as adr-classifier-<dataset>-<fingerprint>.pt with its held-out accuracy.
+
+These numbers follow the idea of FID and Inception Score (features and predictions of a classifier), but not
+their values: the classifier is small and trained on the dataset itself, not Inception-v3 on ImageNet, so they
+compare models scored here, on the same data and with the same number of samples, and nothing else.
+"""
+
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import fingerprint, load_dataset
+from media import dequantise, from_tokens, quantise, save_image_grid, save_samples_npz
+from trainer import CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail, format_time, held_out_bpd
+from trainer import load_checkpoint, log, number, pick_device, sampling_options, timed_sample, warn
+
+# ----------------------------------------------------------------------------------------------
+# The classifier: three stages of 3x3 convolutions, global average pooling, a linear layer. Its penultimate
+# activations are the features of the Fréchet distance.
+
+
+def conv_block(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class Classifier(nn.Module):
+    def __init__(self, layout, num_classes, width=32):
+        super().__init__()
+        self.layout = layout
+        audio = layout["kind"] == "audio"
+        if audio:  # 40 ms windows, 20 ms hops, 32 mel bands: a 1 s clip is a 32 x 51 image
+            import torchaudio
+
+            rate = layout["sample_rate"]
+            self.mel = torchaudio.transforms.MelSpectrogram(rate, n_fft=rate // 25, hop_length=rate // 50, n_mels=32)
+        channels = 1 if audio else layout["channels"]
+        self.input_norm = nn.BatchNorm2d(channels)
+        self.features = nn.Sequential(
+            conv_block(channels, width), conv_block(width, width), nn.MaxPool2d(2),
+            conv_block(width, 2 * width), conv_block(2 * width, 2 * width), nn.MaxPool2d(2),
+            conv_block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def embed(self, x):
+        """Images (B, C, H, W) or waveforms (B, N) in [-1, 1] -> features (B, 4 * width)."""
+        if self.layout["kind"] == "audio":
+            x = torch.log(self.mel(x) + 1e-5)[:, None]  # (B, 1, mels, frames)
+        return self.features(self.input_norm(x))
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+def shift(x, layout, generator):
+    """Augmentation: images moved by up to 2 pixels, clips by up to 0.1 s (each example its own shift)."""
+    if layout["kind"] == "image":
+        padded = F.pad(x, (2, 2, 2, 2), value=-1.0)
+        dy, dx = torch.randint(0, 5, (2, len(x)), generator=generator).tolist()
+        h, w = x.shape[-2:]
+        return torch.stack([p[:, i : i + h, j : j + w] for p, i, j in zip(padded, dy, dx)])
+    limit = layout["sample_rate"] // 10
+    amounts = torch.randint(-limit, limit + 1, (len(x),), generator=generator).tolist()
+    return torch.stack([torch.roll(w, a) for w, a in zip(x, amounts)])
+
+
+@torch.no_grad()
+def predict(classifier, x, batch_size=500):
+    """(features, class probabilities) of examples x, in batches."""
+    classifier.eval()
+    features = torch.cat([classifier.embed(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    return features.double(), classifier.head(features).softmax(-1).double()
+
+
+def all_examples(dataset):
+    """A whole dataset as one tensor (N, ...) of examples in [-1, 1] and one of labels (no random flips)."""
+    flip = getattr(dataset, "flip", False)
+    dataset.flip = False
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    dataset.flip = flip
+    return x, dataset.labels.clone()
+
+
+def train_classifier(train_set, test_set, layout, num_classes, steps, seed, device, batch_size=128):
+    """Train on the training split (augmented), return (classifier in eval mode, accuracy on the test split)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    classifier = Classifier(layout, num_classes).to(device)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.15)
+    start, last = time.time(), time.time()
+    classifier.train()
+    for step in range(1, steps + 1):
+        index = torch.randint(0, len(train_set), (batch_size,), generator=generator).tolist()
+        x, y = zip(*(train_set[i] for i in index))  # training images come flipped at random where the data says so
+        x, y = shift(torch.stack(x), layout, generator).to(device), torch.tensor(y, device=device)
+        loss = F.cross_entropy(classifier(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if time.time() - last >= 10 or step == steps:
+            log(f"classifier step {step}/{steps} | loss {loss.item():.3f} | {format_time(time.time() - start)}")
+            last = time.time()
+    recalibrate_batch_norm(classifier, train_set, layout, generator, device, batch_size)
+    x, y = all_examples(test_set)
+    _, probs = predict(classifier, x.to(device))
+    return classifier.eval(), (probs.argmax(-1).cpu() == y).double().mean().item()
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(classifier, train_set, layout, generator, device, batch_size, batches=20):
+    """Set the batch norms' statistics to plain averages over training batches of the final weights (the
+    running averages of a short training run still remember its first steps)."""
+    norms = [m for m in classifier.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    classifier.train()
+    for _ in range(batches):
+        index = torch.randint(0, len(train_set), (batch_size,), generator=generator).tolist()
+        classifier(shift(torch.stack([train_set[i][0] for i in index]), layout, generator).to(device))
+    for m in norms:
+        m.momentum = 0.1
+
+
+def classifier_steps(train_size):
+    """Ten passes over the training split, at least 600 and at most 1200 steps of 128 examples (under three
+    minutes on two CPU cores for MNIST)."""
+    return min(1200, max(600, math.ceil(10 * train_size / 128)))
+
+
+def get_classifier(source, train_set, test_set, layout, class_names, args, device):
+    """The cached classifier of this data if there is one (same data, same layout), else a new one, cached.
+    Returns (classifier, held-out accuracy, cache path)."""
+    identity = dict(source=source["name"], class_names=list(class_names), layout=layout,
+                    train=fingerprint(train_set), test=fingerprint(test_set))
+    name = f"adr-classifier-{source['name']}-{identity['train'][:8]}.pt"
+    path = args.classifier or os.path.join(source["root"], name)
+    if os.path.isfile(path) and not args.retrain_classifier:
+        try:
+            cached = torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:
+            fail(f"--classifier {path} could not be read ({type(e).__name__}); delete it, or pass --retrain-classifier")
+        if cached.get("identity") == identity:
+            classifier = Classifier(layout, len(class_names)).to(device)
+            classifier.load_state_dict(cached["weights"])
+            return classifier.eval(), cached["accuracy"], path
+        log(f"the classifier in {path} was trained on other data: training a new one")
+    steps = args.classifier_steps or classifier_steps(len(train_set))
+    log(f"training a {source['name']} classifier ({steps} steps; cached for later runs) ...")
+    classifier, accuracy = train_classifier(train_set, test_set, layout, len(class_names), steps, 0, device)
+    state = dict(identity=identity, accuracy=accuracy, steps=steps, weights=classifier.state_dict())
+    try:
+        torch.save(state, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:
+        warn(f"could not cache the classifier in {path} ({e.strerror}); pass --classifier PATH to keep it")
+    return classifier, accuracy, path
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between Gaussians fitted to feature
+    sets a and b (N, F): the Fréchet (2-Wasserstein) distance of FID, computed with symmetric square roots."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+
+    def sqrt_psd(m):
+        values, vectors = torch.linalg.eigh(m)
+        return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+
+    root_a = sqrt_psd(cov_a)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def classifier_score(probs):
+    """exp(E_x KL(p(y|x) || p(y))), the Inception Score's formula with this classifier: high when each
+    example is confidently one class and the classes are evenly used (at most the number of classes)."""
+    marginal = probs.mean(0, keepdim=True)
+    kl = (probs * (probs.clamp(min=1e-12).log() - marginal.clamp(min=1e-12).log())).sum(-1)
+    return kl.mean().exp().item()
+
+
+def scores(classifier, samples, labels, real_a, real_b, device):
+    """Accuracy (None without labels), Fréchet distance to real_a and the floor (real_b to real_a), and the
+    classifier scores of the samples and of real_a."""
+    features, probs = predict(classifier, samples.to(device))
+    features_a, probs_a = predict(classifier, real_a.to(device))
+    features_b, _ = predict(classifier, real_b.to(device))
+    accuracy = None if labels is None else (probs.argmax(-1).cpu() == labels.cpu()).double().mean().item()
+    return dict(accuracy=accuracy, fd=frechet_distance(features, features_a),
+                fd_floor=frechet_distance(features_b, features_a), score=classifier_score(probs),
+                score_real=classifier_score(probs_a))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def parse_args(argv=None):
+    p = OneLineErrors(description="Score a checkpoint's samples with a classifier trained on its data: accuracy, "
+                      "Fréchet distance to held-out real examples and its real-vs-real floor, bits/dim.")
+    p.add_argument("--ckpt", required=True, help="ckpt.pt written by train_image.py or train_audio.py")
+    p.add_argument("--n", type=number(int, 1), default=None, help="samples per class, or in all for an unconditional "
+                   "model (default: 50 per class, fewer where the held-out split is too small)")
+    p.add_argument("--data", default=None, help="the dataset's folder, where it is not where the checkpoint says")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--out", default=None, help="also write the scored samples here (samples.png, samples.npz)")
+    p.add_argument("--batch-size", type=number(int, 1), default=500, help="samples drawn at once (default: 500)")
+    p.add_argument("--bpd-examples", type=number(int, 0), default=256,
+                   help="held-out examples for bits/dim (0: skip it; default: 256)")
+    p.add_argument("--classifier", default=None, help="where the classifier is cached (default: next to the data)")
+    p.add_argument("--classifier-steps", type=number(int, 1), default=None,
+                   help="training steps of a new classifier (default: ten passes over the data, 600 to 1200)")
+    p.add_argument("--retrain-classifier", action="store_true", help="train the classifier again, even if cached")
+    p.add_argument("--device", default=default_device(), help="cuda, cuda:N, mps or cpu (default: cuda when there is "
+                   "a GPU)")
+    add_sampling_flags(p)
+    return p.parse_args(argv)
+
+
+def check_writable_file(path, flag):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        fail(f"{flag} {path}: cannot write there (no such folder, or no permission)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.json:
+        check_writable_file(args.json, "--json")
+    try:
+        model, ckpt = load_checkpoint(args.ckpt, device, use_ema=args.ema)
+    except CheckpointError as e:
+        fail(str(e))
+    config, layout, class_names = model.config, ckpt["layout"], ckpt["class_names"]
+    options = sampling_options(args, config)
+    source = dict(ckpt.get("source") or {})
+    if not source:
+        fail(f"{args.ckpt} does not say which data it was trained on (it predates evaluate.py); train it again")
+    if args.data:
+        source["root"] = os.path.abspath(args.data)
+    if args.out:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            fail(f"--out {args.out}: cannot create the folder ({e.strerror})")
+
+    train_set, test_set, data_classes = load_dataset(source, layout)
+    if test_set is None:
+        fail(f"the data in {source['root']} has no held-out split to compare samples with (an image folder needs "
+             f"DIR/train/<class>/ and DIR/test/<class>/)")
+    if class_names and list(class_names) != list(data_classes):
+        fail(f"the checkpoint's classes ({', '.join(class_names)}) are not the data's ({', '.join(data_classes)}); "
+             f"point --data at the data it was trained on")
+    conditional = bool(class_names)
+    groups = len(class_names) if conditional else 1  # the samples come in groups of n
+    most = len(test_set) // (2 * groups)
+    n = args.n if args.n is not None else min(50, most)
+    if n > most or n < 1:
+        fail(f"{n} samples per group need {2 * n * groups} held-out examples ({n * groups} to compare with, "
+             f"{n * groups} more for the real-vs-real floor), and the held-out split has {len(test_set)}: lower --n")
+    classifier, classifier_accuracy, classifier_path = get_classifier(source, train_set, test_set, layout, data_classes,
+                                                                      args, device)
+
+    torch.manual_seed(args.seed)
+    real, real_labels = all_examples(test_set)
+    chosen = torch.randperm(len(real))[: 2 * n * groups]
+    real_a, real_b = real[chosen[: n * groups]], real[chosen[n * groups :]]
+    labels = torch.arange(groups).repeat_interleave(n) if conditional else None
+    batches, seconds = [], dict(total=0.0, head=0.0)
+    log(f"sampling {n * groups} {'images' if layout['kind'] == 'image' else 'clips'} ...")
+    for start in range(0, n * groups, args.batch_size):
+        count = min(args.batch_size, n * groups - start)
+        batch_labels = labels[start : start + count].to(device) if conditional else None
+        tokens, spent = timed_sample(model, count, batch_labels, **options)
+        batches.append(from_tokens(tokens.float().cpu(), layout))
+        seconds = {k: seconds[k] + spent[k] for k in seconds}
+    generated = torch.cat(batches)
+    samples = dequantise(quantise(generated, layout), layout)  # what the PNG or WAV files hold
+    result = scores(classifier, samples, labels, real_a, real_b, device)
+    if args.bpd_examples:
+        result["bpd"], result["bpd_stderr"] = held_out_bpd(model, test_set, layout, config.num_classes,
+                                                           args.bpd_examples, args.batch_size, device)
+    result.update(checkpoint=os.path.abspath(args.ckpt), step=ckpt.get("step"), dataset=source["name"],
+                  data=source["root"], samples=n * groups, per_class=n if conditional else None,
+                  classifier=classifier_path, classifier_accuracy=classifier_accuracy, seed=args.seed,
+                  sampling_s=seconds["total"], head_share=seconds["head"] / seconds["total"],
+                  real_accuracy=(predict(classifier, real_a.to(device))[1].argmax(-1).cpu()
+                                 == real_labels[chosen[: n * groups]]).double().mean().item(),
+                  **options)
+    print(report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.out:
+        save_samples_npz(os.path.join(args.out, "samples.npz"), generated, layout, labels, class_names)
+        if layout["kind"] == "image":
+            save_image_grid(generated, os.path.join(args.out, "samples.png"), nrow=min(n, 10) if conditional else 10)
+
+
+def report(r):
+    """One table of the numbers, with what they are measured on."""
+    accuracy = lambda a: "n/a" if a is None else f"{100 * a:.1f}%"  # noqa: E731
+    ratio = r["fd"] / r["fd_floor"] if r["fd_floor"] > 0 else float("inf")
+    per = f"{r['per_class']} per class" if r["per_class"] else "unconditional"
+    bpd = f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f}" if "bpd" in r else "not measured"
+    rows = [
+        ("accuracy: the classifier names the class asked for", accuracy(r["accuracy"]), accuracy(r["real_accuracy"])),
+        (f"Fréchet distance to {r['samples']} held-out real examples", f"{r['fd']:.2f}",
+         f"{r['fd_floor']:.2f} (floor)"),
+        ("Fréchet distance / floor", f"{ratio:.2f}x", "1x"),
+        ("classifier score (IS-like, at most the classes)", f"{r['score']:.2f}", f"{r['score_real']:.2f}"),
+    ]
+    width = max(len(row[0]) for row in rows)
+    lines = [
+        f"evaluate: {r['checkpoint']} (step {r['step']}), {r['dataset']} in {r['data']}",
+        f"classifier: {r['classifier']}, held-out accuracy {100 * r['classifier_accuracy']:.1f}%",
+        f"samples: {r['samples']} ({per}), {r['steps']} steps, temperature {r['temperature']:g}, "
+        f"cfg {r['cfg_scale']:g}, seed {r['seed']}: {r['sampling_s']:.1f} s, "
+        f"diffusion head {100 * r['head_share']:.0f}%",
+        "",
+        f"| {'metric':<{width}} | samples | real (held-out) |",
+        f"|{'-' * (width + 2)}|--------:|----------------:|",
+    ]
+    lines += [f"| {name:<{width}} | {a:>7} | {b:>15} |" for name, a, b in rows]
+    lines += ["", f"held-out bits/dim (upper bound): {bpd}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
