@@ -27,11 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adr import ADR, SIZES, ADRConfig
+from adr import ADR, SAMPLERS, SIZES, ADRConfig
 from media import image_layout, layout_shape
-from trainer import OneLineErrors, fail, pick_device, timed_sample
+from trainer import SAMPLING, OneLineErrors, compile_head, check_writable_file, fail, pick_device, run, timed_sample
 
-DEFAULTS = dict(lengths="64,256,1024,4096", repeats=5, train_tokens=4096, e2e_images=64, e2e_steps=100)
+DEFAULTS = dict(lengths="64,256,1024,4096", repeats=5, train_tokens=4096, e2e_images=64, e2e_steps=SAMPLING["steps"])
 QUICK = dict(lengths="64,256", repeats=3, train_tokens=256, e2e_images=2, e2e_steps=10)
 
 # ----------------------------------------------------------------------------------------------
@@ -181,12 +181,12 @@ def bench_training(model, attention, length, tokens, chunk_size, repeats, device
         attention=lambda: attention(h),
     )
     row = dict(length=length, batch=batch)
-    for name, run in runs.items():
+    for name, forward in runs.items():
 
         def step():
             model.zero_grad(set_to_none=True), attention.zero_grad(set_to_none=True)
             with autocast(device):
-                z = run()
+                z = forward()
             z.float().square().mean().backward()
 
         try:
@@ -199,22 +199,23 @@ def bench_training(model, attention, length, tokens, chunk_size, repeats, device
     return row
 
 
-def bench_sampling(size, images, steps, repeats, device):
+def bench_sampling(size, images, steps, sampler, repeats, device, compiled=False):
     """model.sample on the CIFAR image layout, timed as sample.py times it: the backbone (model.backbone) and
     the diffusion head (model.head.sample, the whole reverse chain of each token)."""
     seq_len, token_dim = layout_shape(image_layout())
     config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=10, **SIZES[size])
     model = ADR(config).to(device).eval()
+    model = compile_head(model) if compiled else model
     labels = torch.arange(images, device=device) % 10
     runs = []
     with autocast(device):
         model.sample(min(images, 2), labels[:2], steps=2)  # warm-up
         for _ in range(repeats):
-            _, seconds = timed_sample(model, images, labels, steps=steps)
+            _, seconds = timed_sample(model, images, labels, steps=steps, sampler=sampler)
             runs.append(dict(total_s=seconds["total"], backbone_s=seconds["backbone"], head_s=seconds["head"]))
     median = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]  # the run with the median total
     other = median["total_s"] - median["backbone_s"] - median["head_s"]
-    return dict(images=images, tokens=seq_len, steps=steps, **median, other_s=other)
+    return dict(images=images, tokens=seq_len, steps=steps, sampler=sampler, **median, other_s=other)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +344,7 @@ def report(result):
             training_table(result["training"]),
             "",
             f"## End to end: model.sample of {e2e['images']} CIFAR-sized images ({e2e['tokens']} tokens of 4x4 RGB "
-            f"patches), {e2e['steps']} head steps per token, recurrent backbone",
+            f"patches), {e2e['sampler']} sampler, {e2e['steps']} head steps per token, recurrent backbone",
             "",
             sampling_table(e2e),
             "",
@@ -378,9 +379,13 @@ def main(argv=None):
     parser.add_argument(
         "--e2e-steps", type=int, help=f"diffusion head steps per token end to end (default {DEFAULTS['e2e_steps']})"
     )
+    parser.add_argument("--e2e-sampler", choices=SAMPLERS, default=SAMPLING["sampler"],
+                        help=f"the head's reverse chain end to end (default {SAMPLING['sampler']})")
     parser.add_argument(
         "--quick", action="store_true", help="the smallest setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
     )
+    parser.add_argument("--compile", action="store_true", help="end to end: torch.compile the head's denoiser (CUDA "
+                        "graphs on a GPU)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
@@ -404,8 +409,8 @@ def main(argv=None):
     if args.e2e_steps > ADRConfig.diffusion_steps:
         fail(f"--e2e-steps must be at most {ADRConfig.diffusion_steps}, got {args.e2e_steps}")
     device = pick_device(args.device)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        fail(f"--json {args.json}: its folder does not exist; create it or pick another path")
+    if args.json:
+        check_writable_file(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -451,7 +456,8 @@ def main(argv=None):
         )
     del model, attention
     progress(f"sampling {args.e2e_images} images")
-    sampling = bench_sampling(args.size, args.e2e_images, args.e2e_steps, args.repeats, device)
+    sampling = bench_sampling(args.size, args.e2e_images, args.e2e_steps, args.e2e_sampler, args.repeats, device,
+                              args.compile)
     result = dict(header=header, generation=generation, training=training, sampling=sampling)
     print(report(result))
     if args.json:
@@ -460,4 +466,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

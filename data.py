@@ -203,9 +203,13 @@ class Clips(Dataset):
 
 
 def load_clips(paths_and_labels):
-    """Decode (path, label) pairs into Clips; returns (Clips, [reason for each file skipped as unreadable])."""
-    clips, labels, skipped = [], [], []
+    """Decode (path, label) pairs into Clips; returns (Clips, [reason for each file skipped as unreadable],
+    [each path that is not there])."""
+    clips, labels, skipped, missing = [], [], [], []
     for path, label in paths_and_labels:
+        if not os.path.exists(path):
+            missing.append(path)
+            continue
         try:
             waveform, rate = read_wav(path)
         except (ValueError, OSError) as e:
@@ -219,7 +223,7 @@ def load_clips(paths_and_labels):
         clips.append(np.clip(np.round(clip.numpy() * 32768), -32768, 32767).astype(np.int16))
         labels.append(label)
     stacked = torch.from_numpy(np.stack(clips)) if clips else torch.zeros(0, CLIP_LENGTH, dtype=torch.int16)
-    return Clips(stacked, labels), skipped
+    return Clips(stacked, labels), skipped, missing
 
 
 def pick_words(requested, available, default, where):
@@ -237,12 +241,15 @@ def pick_words(requested, available, default, where):
 
 
 def speech_commands(root, requested_words=None):
-    """Speech Commands v0.02 under root/SpeechCommands/ (downloaded if missing). Returns (training Clips,
-    testing Clips or None, words)."""
+    """Speech Commands under root/SpeechCommands/: v0.02, or v0.01 where only that is there (downloaded, v0.02, if
+    neither is). Returns (training Clips, testing Clips or None, words)."""
     from torchaudio.datasets import SPEECHCOMMANDS
 
-    folder = os.path.join(root, "SpeechCommands", "speech_commands_v0.02")
-    if not os.path.isdir(folder):
+    base = os.path.join(root, "SpeechCommands")
+    found = [v for v in ("speech_commands_v0.02", "speech_commands_v0.01") if os.path.isdir(os.path.join(base, v))]
+    version = found[0] if found else "speech_commands_v0.02"
+    folder = os.path.join(base, version)
+    if not found:
         log(f"downloading Speech Commands v0.02 (2.3 GB) to {root} ...")
         try:
             os.makedirs(root, exist_ok=True)
@@ -250,29 +257,31 @@ def speech_commands(root, requested_words=None):
         except Exception as e:
             reason = " ".join(f"{type(e).__name__}: {e}".split())
             fail(f"could not download Speech Commands ({reason}). Without internet, extract "
-                 f"speech_commands_v0.02.tar.gz (from http://download.tensorflow.org/data/) into {folder} "
+                 f"speech_commands_v0.02.tar.gz (or v0.01, from http://download.tensorflow.org/data/) into {folder} "
                  f"(see --data), or train on your own WAVs with --audio-folder DIR")
     for name in ("validation_list.txt", "testing_list.txt"):
         if not os.path.isfile(os.path.join(folder, name)):
-            fail(f"{folder} has no {name}: it is not a complete Speech Commands v0.02 folder; "
-                 f"extract the archive again")
+            fail(f"{folder} has no {name}: it is not a complete Speech Commands folder; extract the archive again")
     available = {d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("_")}
     default = SC09 if set(SC09) <= available else None
     if default is None and requested_words is None:
         fail(f"{folder} lacks the digits zero .. nine; choose classes with --words")
     words = pick_words(requested_words, available, default, folder)
+    log(f"data: Speech Commands {version[-5:]} in {folder}")
     sets = []
     for subset in ("training", "testing"):
-        dataset = SPEECHCOMMANDS(root, subset=subset)
+        dataset = SPEECHCOMMANDS(root, url=version, subset=subset)
         items = []
         for n in range(len(dataset)):
             relative_path, _, label, _, _ = dataset.get_metadata(n)
             if label in words:
-                items.append((os.path.join(root, "SpeechCommands", relative_path), words.index(label)))
-        clips, skipped = load_clips(items)
+                items.append((os.path.join(base, relative_path), words.index(label)))
+        clips, skipped, missing = load_clips(items)
         log(f"data: Speech Commands {subset}: {len(clips)} clips of {len(words)} words")
         if skipped:
             warn(f"skipped {len(skipped)} unreadable Speech Commands files, e.g. {skipped[0]}")
+        if missing:
+            warn(f"{len(missing)} files named in the {subset} list are missing, e.g. {missing[0]}")
         sets.append(clips)
     if len(sets[0]) == 0:
         fail(f"no training clips of {', '.join(words)} in {folder}")
@@ -281,10 +290,11 @@ def speech_commands(root, requested_words=None):
 
 def audio_folder(folder, requested_words=None):
     """WAVs in folder/<word>/*.wav: every 10th file of each word (in name order) is held out for testing.
-    Returns (training Clips, testing Clips or None, words, number of unreadable or non-PCM files skipped)."""
+    Sub-folders whose names start with _ or . are not words (Speech Commands' _background_noise_).
+    Returns (training Clips, testing Clips or None, words, number of unreadable files skipped)."""
     if not os.path.isdir(folder):
         fail(f"--audio-folder {folder} is not a folder; give a folder with one sub-folder of WAV files per word")
-    available = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    available = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and d[0] not in "_.")
     if not available:
         fail(f"--audio-folder {folder} has no sub-folders; put the WAV files of each word in {folder}/<word>/")
     words = pick_words(requested_words, available, available, folder)
@@ -293,16 +303,15 @@ def audio_folder(folder, requested_words=None):
         names = sorted(n for n in os.listdir(os.path.join(folder, word)) if n.lower().endswith(".wav"))
         for i, name in enumerate(names):
             (test_items if i % 10 == 9 else train_items).append((os.path.join(folder, word, name), label))
-    train_set, skipped_train = load_clips(train_items)
-    test_set, skipped_test = load_clips(test_items)
+    train_set, skipped_train, _ = load_clips(train_items)
+    test_set, skipped_test, _ = load_clips(test_items)
     skipped = skipped_train + skipped_test
     if len(train_set) == 0:
         example = f" ({skipped[0]})" if skipped else ""
-        fail(f"--audio-folder {folder}: no readable 16-bit PCM WAV files in the sub-folders of {', '.join(words)}"
-             f"{example}")
+        fail(f"--audio-folder {folder}: no readable WAV files in the sub-folders of {', '.join(words)}{example}")
     log(f"data: {folder}: {len(train_set)} training and {len(test_set)} test clips of {len(words)} words")
     if skipped:
-        warn(f"skipped {len(skipped)} unreadable or non-PCM file{'s' if len(skipped) > 1 else ''}, e.g. {skipped[0]}")
+        warn(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''}, e.g. {skipped[0]}")
     return train_set, test_set if len(test_set) else None, words, len(skipped)
 
 

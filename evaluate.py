@@ -28,12 +28,16 @@ import torch.nn.functional as F
 
 from data import fingerprint, load_dataset
 from media import dequantise, from_tokens, quantise, save_image_grid, save_samples_npz
-from trainer import CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail, format_time, held_out_bpd
-from trainer import load_checkpoint, log, number, pick_device, sampling_options, timed_sample, warn
+from trainer import CheckpointError, OneLineErrors, add_sampling_flags, check_writable, check_writable_file
+from trainer import compile_head, default_device, fail, format_time, held_out_bpd, load_checkpoint, log, number
+from trainer import pick_device, run, sampling_options, timed_sample, warn
 
 # ----------------------------------------------------------------------------------------------
 # The classifier: three stages of 3x3 convolutions, global average pooling, a linear layer. Its penultimate
 # activations are the features of the Fréchet distance.
+
+
+CLASSIFIER_VERSION = "cnn-32-64-128 v1"  # cached classifiers of another version are trained again
 
 
 def conv_block(c_in, c_out):
@@ -150,7 +154,7 @@ def classifier_steps(train_size):
 def get_classifier(source, train_set, test_set, layout, class_names, args, device):
     """The cached classifier of this data if there is one (same data, same layout), else a new one, cached.
     Returns (classifier, held-out accuracy, cache path)."""
-    identity = dict(source=source["name"], class_names=list(class_names), layout=layout,
+    identity = dict(classifier=CLASSIFIER_VERSION, source=source["name"], class_names=list(class_names), layout=layout,
                     train=fingerprint(train_set), test=fingerprint(test_set))
     name = f"adr-classifier-{source['name']}-{identity['train'][:8]}.pt"
     path = args.classifier or os.path.join(source["root"], name)
@@ -241,12 +245,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_writable_file(path, flag):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        fail(f"{flag} {path}: cannot write there (no such folder, or no permission)")
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -257,6 +255,7 @@ def main(argv=None):
     except CheckpointError as e:
         fail(str(e))
     config, layout, class_names = model.config, ckpt["layout"], ckpt["class_names"]
+    model = compile_head(model) if args.compile else model
     options = sampling_options(args, config)
     source = dict(ckpt.get("source") or {})
     if not source:
@@ -264,10 +263,7 @@ def main(argv=None):
     if args.data:
         source["root"] = os.path.abspath(args.data)
     if args.out:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            fail(f"--out {args.out}: cannot create the folder ({e.strerror})")
+        check_writable(args.out, "--out")
 
     train_set, test_set, data_classes = load_dataset(source, layout)
     if test_set is None:
@@ -303,8 +299,11 @@ def main(argv=None):
     samples = dequantise(quantise(generated, layout), layout)  # what the PNG or WAV files hold
     result = scores(classifier, samples, labels, real_a, real_b, device)
     if args.bpd_examples:
-        result["bpd"], result["bpd_stderr"] = held_out_bpd(model, test_set, layout, config.num_classes,
-                                                           args.bpd_examples, args.batch_size, device)
+        bpd = lambda order: held_out_bpd(model, test_set, layout, config.num_classes,  # noqa: E731
+                                         args.bpd_examples, args.batch_size, device, order)
+        result["bpd"], result["bpd_stderr"] = bpd("raster")
+        if config.order == "random":  # the any-order model's bound: the average over random orders
+            result["bpd_random_orders"], result["bpd_random_orders_stderr"] = bpd("random")
     result.update(checkpoint=os.path.abspath(args.ckpt), step=ckpt.get("step"), dataset=source["name"],
                   data=source["root"], samples=n * groups, per_class=n if conditional else None,
                   classifier=classifier_path, classifier_accuracy=classifier_accuracy, seed=args.seed,
@@ -328,6 +327,9 @@ def report(r):
     ratio = r["fd"] / r["fd_floor"] if r["fd_floor"] > 0 else float("inf")
     per = f"{r['per_class']} per class" if r["per_class"] else "unconditional"
     bpd = f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f}" if "bpd" in r else "not measured"
+    if "bpd_random_orders" in r:
+        bpd += (f" in raster order, {r['bpd_random_orders']:.3f} ± {r['bpd_random_orders_stderr']:.3f} averaged over "
+                f"random orders")
     rows = [
         ("accuracy: the classifier names the class asked for", accuracy(r["accuracy"]), accuracy(r["real_accuracy"])),
         (f"Fréchet distance to {r['samples']} held-out real examples", f"{r['fd']:.2f}",
@@ -339,7 +341,8 @@ def report(r):
     lines = [
         f"evaluate: {r['checkpoint']} (step {r['step']}), {r['dataset']} in {r['data']}",
         f"classifier: {r['classifier']}, held-out accuracy {100 * r['classifier_accuracy']:.1f}%",
-        f"samples: {r['samples']} ({per}), {r['steps']} steps, temperature {r['temperature']:g}, "
+        f"samples: {r['samples']} ({per}), {r['sampler']} sampler, {r['steps']} steps, "
+        f"temperature {r['temperature']:g}, "
         f"cfg {r['cfg_scale']:g}, seed {r['seed']}: {r['sampling_s']:.1f} s, "
         f"diffusion head {100 * r['head_share']:.0f}%",
         "",
@@ -352,4 +355,4 @@ def report(r):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,6 +9,7 @@ sampling an image model never imports torchaudio.
 
 import math
 import os
+import struct
 import wave
 
 import numpy as np
@@ -88,6 +89,34 @@ def quantisation_bins(tokens, layout):
     return lo.masked_fill(k == -32768, -math.inf), hi.masked_fill(k == 32767, math.inf)
 
 
+MASKS = ("top", "bottom", "left", "right", "center", "random")
+
+
+def region_to_generate(layout, spec, seed=0):
+    """(L,) bool, True for the tokens to generate, the rest being kept: "top", "bottom", "left" or "right" half,
+    "center" (the middle half of an image's height and width, or of a clip), "random[:FRACTION]" (a random
+    FRACTION of the tokens, 0.5 if not given), or an image file as large as the model's images (white:
+    generate). For audio, top and left are the first half of the clip, bottom and right the second."""
+    L = layout_shape(layout)[0]
+    name, _, fraction = spec.partition(":")
+    if name == "random":
+        count = round(float(fraction or 0.5) * L)
+        chosen = torch.randperm(L, generator=torch.Generator().manual_seed(seed))[:count]
+        return torch.zeros(L, dtype=torch.bool).index_fill_(0, chosen, True)
+    if name not in MASKS:  # a mask image: a token is generated where most of its pixels are white
+        pixels = read_pixels(spec, layout["height"], layout["width"], channels=1).float()
+        return patchify(pixels[None], layout["patch"])[0].mean(-1) > 127.5
+    if layout["kind"] == "audio":
+        row = col = (torch.arange(L) + 0.5) / L  # the clip is one long row and one long column
+    else:
+        rows, cols = layout["height"] // layout["patch"], layout["width"] // layout["patch"]
+        row = ((torch.arange(L) // cols + 0.5) / rows)
+        col = ((torch.arange(L) % cols + 0.5) / cols)
+    middle = lambda u: (u > 0.25) & (u < 0.75)  # noqa: E731
+    return dict(top=row < 0.5, bottom=row > 0.5, left=col < 0.5, right=col > 0.5,
+                center=middle(row) & middle(col) if layout["kind"] == "image" else middle(row))[name]
+
+
 def quantise(x, layout):
     """What the files hold: images (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C) as in a PNG; waveforms
     (N, L) in [-1, 1] -> int16 (N, L) as in a WAV."""
@@ -127,6 +156,9 @@ def read_pixels(path, height, width, channels=3):
     then resized."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I"):  # 16-bit grayscale: scale to 8 bits (convert() would clip instead)
+                eight_bit = (np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+                image = Image.fromarray(eight_bit)
             image = ImageOps.fit(image.convert("RGB" if channels == 3 else "L"), (width, height),
                                  method=Image.Resampling.BICUBIC)
     except Exception as e:
@@ -154,20 +186,45 @@ def save_image_grid(images, path, nrow, scale=4) -> None:
 # WAV files, clips, spectrograms
 
 
+WAV_FORMATS = "PCM WAV files of 8, 16, 24 or 32-bit integers or 32/64-bit floats (also with extensible headers)"
+
+
 def read_wav(path):
-    """A 16-bit PCM WAV -> (float32 tensor (channels, N) in [-1, 1), sample rate). Anything else raises
-    ValueError."""
-    try:
-        with wave.open(str(path), "rb") as f:
-            channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
-            data = f.readframes(f.getnframes())
-    except (wave.Error, EOFError) as e:
-        raise ValueError(f"{path}: not a PCM WAV file ({e})") from None
-    if width != 2:
-        raise ValueError(f"{path}: {8 * width}-bit samples, only 16-bit PCM is supported")
-    frames = len(data) // (2 * channels)  # a truncated file may end mid-frame
-    samples = np.frombuffer(data[: frames * 2 * channels], dtype="<i2").reshape(frames, channels)
-    return torch.from_numpy(samples.T.astype(np.float32) / 32768), rate
+    """A WAV file -> (float32 tensor (channels, N) in [-1, 1], sample rate). Reads the RIFF chunks itself (the
+    standard library's `wave` refuses WAVE_FORMAT_EXTENSIBLE headers, which many recorders write): integer
+    PCM of 8 (unsigned), 16, 24 or 32 bits and IEEE floats of 32 or 64 bits. Anything else raises ValueError."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError(f"{path}: not a WAV file (no RIFF/WAVE header)")
+    fmt = samples = None
+    pos = 12
+    while pos + 8 <= len(data) and (fmt is None or samples is None):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk == b"fmt ":
+            fmt = data[pos + 8 : pos + 8 + size]
+        elif chunk == b"data":
+            samples = data[pos + 8 : pos + 8 + size]  # a truncated file may hold less than the size says
+        pos += 8 + size + size % 2  # chunks are padded to an even length
+    if fmt is None or len(fmt) < 16 or samples is None:
+        raise ValueError(f"{path}: not a WAV file (no fmt or data chunk)")
+    tag, channels, rate, _, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
+    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real format opens the sub-format GUID
+        tag = int.from_bytes(fmt[24:26], "little")
+    width = block_align // max(channels, 1)  # bytes per sample in the file (24 valid bits may sit in 4 bytes)
+    if channels < 1 or not ((tag == 1 and width in (1, 2, 3, 4)) or (tag == 3 and width in (4, 8))):
+        raise ValueError(f"{path}: format {tag:#x} with {bits}-bit samples; adr reads {WAV_FORMATS}")
+    frames = len(samples) // (width * channels)  # a truncated file may end mid-frame
+    raw = np.frombuffer(samples[: frames * width * channels], dtype=np.uint8).reshape(frames * channels, width)
+    if tag == 3:
+        values = raw.copy().view("<f4" if width == 4 else "<f8")[:, 0].astype(np.float32)
+    elif width == 1:
+        values = (raw[:, 0].astype(np.float32) - 128) / 128  # 8-bit WAV samples are unsigned
+    else:  # little-endian signed integers of 2, 3 or 4 bytes: put them in the top bytes of an int32
+        padded = np.zeros((len(raw), 4), dtype=np.uint8)
+        padded[:, 4 - width :] = raw
+        values = padded.view("<i4")[:, 0].astype(np.float32) / 2**31
+    return torch.from_numpy(values.reshape(frames, channels).T.copy()), rate
 
 
 def write_wav(path, waveform, sample_rate):

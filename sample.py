@@ -7,6 +7,8 @@ their spectrograms. Written to --out (default: samples/ next to the checkpoint).
     python sample.py --ckpt out/image/ckpt.pt --class cat --n 16 --cfg 1   # 16 cats, no guidance
     python sample.py --ckpt out/image/ckpt.pt --prompt cat.jpg --keep 0.5  # complete the bottom half
     python sample.py --ckpt out/audio/ckpt.pt --prompt yes.wav --keep 0.3  # continue after 0.3 s
+    python sample.py --ckpt out/any/ckpt.pt --prompt 7.png --mask center   # fill in the middle (--order random)
+    python sample.py --ckpt out/any/ckpt.pt --tokens-per-step 4            # 4 tokens per backbone step
     python sample.py --ckpt out/image/ckpt.pt --mode parallel              # no recurrent state
 
 Generation is one token at a time: the RetNet gives z_i, the diffusion head runs --steps reverse steps
@@ -22,9 +24,9 @@ import os
 import torch
 
 from media import from_tokens, layout_shape, load_image, prepare_clip, read_wav, save_image_grid, save_spectrograms
-from media import save_samples_npz, to_tokens, write_wav
+from media import MASKS, region_to_generate, save_samples_npz, to_tokens, write_wav
 from trainer import CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail, load_checkpoint, number
-from trainer import pick_device, sampling_options, timed_sample
+from trainer import check_writable, compile_head, pick_device, run, sampling_options, timed_sample
 
 
 def parse_args(argv=None):
@@ -37,8 +39,12 @@ def parse_args(argv=None):
     add_sampling_flags(p)
     p.add_argument("--prompt", default=None, help="an image or a WAV file to continue (images are centre-cropped and "
                    "resized to the model's size, clips mixed to mono and resampled)")
-    p.add_argument("--keep", type=number(float, 0, low_ok=False), default=0.5, help="with --prompt: the fraction of "
+    p.add_argument("--keep", type=number(float, 0, low_ok=False), default=None, help="with --prompt: the fraction of "
                    "the image's tokens (top rows first), or the seconds of audio, to keep (default: 0.5)")
+    p.add_argument("--mask", default=None, help="with --prompt: the region to generate, keeping the rest: "
+                   "top, bottom, left, right (halves; for audio top/left is the start), center, random[:FRACTION] "
+                   "(default 0.5), or an image file, white where to generate (needs an --order random model, "
+                   "but for bottom)")
     p.add_argument("--mode", choices=["recurrent", "parallel"], default="recurrent",
                    help="carry the recurrent state (default), or recompute the whole prefix at every token")
     p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: cuda when there is a GPU)")
@@ -61,11 +67,13 @@ def pick_classes(args, config, class_names):
 
 
 def image_prompt(path, layout, keep):
-    """(tokens of the image (1, L, D), number of tokens to keep)."""
+    """(tokens of the image (1, L, D), number of tokens to keep, top rows first, or None without --keep)."""
     try:
         image = load_image(path, layout["height"], layout["width"], layout["channels"])
     except ValueError as e:
         fail(f"--prompt: {e}; this is an image model: give an image file")
+    if keep is None:
+        return to_tokens(image[None], layout), None
     seq_len = layout_shape(layout)[0]
     if not 0 < keep < 1:
         fail(f"--keep {keep:g}: for an image it is the fraction of tokens to keep, between 0 and 1")
@@ -76,12 +84,15 @@ def image_prompt(path, layout, keep):
 
 
 def audio_prompt(path, layout, keep):
-    """(tokens of the clip (1, L, D), number of tokens to keep: whole chunks within --keep seconds)."""
+    """(tokens of the clip (1, L, D), number of tokens to keep: whole chunks within --keep seconds, or None)."""
     try:
         waveform, rate = read_wav(path)
-    except ValueError as e:
-        fail(f"--prompt: {e}; this is an audio model: give a 16-bit PCM WAV file")
+    except (ValueError, OSError) as e:
+        fail(f"--prompt: {e}; this is an audio model: give a WAV file")
     rate_out, length = layout["sample_rate"], layout["length"]
+    clip = to_tokens(prepare_clip(waveform, rate, rate_out, length)[None], layout)
+    if keep is None:
+        return clip, None
     seconds = waveform.shape[1] / rate
     if keep > seconds:
         fail(f"--prompt {path} lasts {seconds:.3f} s, shorter than --keep {keep:g} s")
@@ -91,8 +102,41 @@ def audio_prompt(path, layout, keep):
         chunk_s = layout["chunk"] / rate_out
         fail(f"--keep {keep:g} s keeps {kept} chunks of {chunk_s:g} s; keep at least one and less than the "
              f"{length / rate_out:g} s clip")
-    clip = prepare_clip(waveform, rate, rate_out, length)
-    return to_tokens(clip[None], layout), kept
+    return clip, kept
+
+
+def known_tokens(args, layout, config):
+    """(tokens of the prompt (1, L, D) or None, (L,) bool: the tokens kept from it, tokens kept as a prefix or
+    None), from --prompt with --keep (a prefix) or --mask (any region to generate)."""
+    if args.prompt is None:
+        if args.mask is not None or args.keep is not None:
+            flag = "--mask" if args.mask is not None else "--keep"
+            fail(f"{flag} needs --prompt FILE: the image or clip to complete")
+        return None, None, None
+    if args.mask is not None and args.keep is not None:
+        fail("--keep and --mask both say what to keep from the prompt: give one of them")
+    if not os.path.isfile(args.prompt):
+        fail(f"--prompt {args.prompt}: no such file")
+    keep = None if args.mask is not None else (0.5 if args.keep is None else args.keep)
+    full, kept = (image_prompt if layout["kind"] == "image" else audio_prompt)(args.prompt, layout, keep)
+    seq_len = layout_shape(layout)[0]
+    if kept is not None:
+        return full, torch.arange(seq_len) < kept, kept
+    name = args.mask.partition(":")[0]
+    if name not in MASKS and not os.path.isfile(args.mask):
+        fail(f"--mask {args.mask}: use {', '.join(MASKS[:-1])}, random[:FRACTION] or an image file of the mask")
+    try:
+        generate = region_to_generate(layout, args.mask, args.seed)
+    except ValueError as e:
+        fail(f"--mask {args.mask}: {e}")
+    if generate.all() or not generate.any():
+        fail(f"--mask {args.mask} leaves {'nothing' if generate.all() else 'everything'} of the prompt to keep or "
+             f"generate: it must cover some tokens, not all")
+    prefix = (generate == (torch.arange(seq_len) >= int((~generate).sum()))).all()
+    if config.order == "raster" and not prefix:
+        fail(f"--mask {args.mask}: this model was trained in raster order and can only continue a prompt's first "
+             f"tokens (--mask bottom, --keep); train with --order random to fill in other regions")
+    return full, ~generate, None
 
 
 def main(argv=None):
@@ -104,72 +148,70 @@ def main(argv=None):
         fail(str(e))
     config, layout = model.config, ckpt["layout"]
     kind = layout["kind"]
+    model = compile_head(model) if args.compile else model
     n = args.n or (10 if kind == "image" else 1)
     options = sampling_options(args, config)
     classes, row_names = pick_classes(args, config, ckpt["class_names"])
-    full_prompt, prompt, kept = None, None, 0
-    if args.prompt is not None:
-        if not os.path.isfile(args.prompt):
-            fail(f"--prompt {args.prompt}: no such file")
-        full_prompt, kept = (image_prompt if kind == "image" else audio_prompt)(args.prompt, layout, args.keep)
-        prompt = full_prompt[:, :kept].repeat(n * len(classes), 1, 1)
+    full_prompt, keep, prefix = known_tokens(args, layout, config)
+    count = n * len(classes)
+    known = None if full_prompt is None else dict(known=full_prompt.repeat(count, 1, 1), mask=keep)
     labels = None if classes[0] is None else torch.tensor(classes, device=device).repeat_interleave(n)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        fail(f"--out {out}: cannot create the folder ({e.strerror})")
+    check_writable(out, "--out")
 
     torch.manual_seed(args.seed)
-    tokens, seconds = timed_sample(model, n * len(classes), labels, prompt=prompt, mode=args.mode, **options)
-    total, count = seconds["total"], tokens.shape[0]
+    tokens, seconds = timed_sample(model, count, labels, mode=args.mode, **options, **(known or {}))
+    total, kept = seconds["total"], 0 if keep is None else int(keep.sum())
     what = f"{count} {'image' if kind == 'image' else 'clip'}{'s' if count > 1 else ''} of {config.seq_len} tokens"
     what += f" ({kept} from the prompt)" if kept else ""
-    print(f"sampled {what} in {total:.2f} s ({args.mode} mode, cfg {options['cfg_scale']:g}): "
+    print(f"sampled {what} in {total:.2f} s ({args.mode} mode, {options['sampler']}, {options['steps']} steps, "
+          f"cfg {options['cfg_scale']:g}): "
           f"{total / count:.3f} s/sample, {count * (config.seq_len - kept) / total:.0f} tokens/s; "
           f"backbone {100 * seconds['backbone'] / total:.0f}%, diffusion head {100 * seconds['head'] / total:.0f}%")
 
     samples = from_tokens(tokens.float().cpu(), layout)
     all_names = ckpt["class_names"] or [str(c) for c in range(config.num_classes)]  # what the labels index
     save_samples_npz(os.path.join(out, "samples.npz"), samples, layout, labels, all_names)
+    masked = None if full_prompt is None else full_prompt * keep[None, :, None]  # 0 (grey, silence) where generated
     if kind == "image":
-        save_images(samples, full_prompt, kept, layout, n, len(classes), out)
+        save_images(samples, masked, layout, n, len(classes), out)
     else:
-        save_audio(samples, full_prompt, kept, layout, n, row_names, out)
+        save_audio(samples, masked, prefix, layout, n, row_names, out)
 
 
-def save_images(images, full_prompt, kept, layout, n, rows, out):
-    """A grid with a row per class; with a prompt, each row starts with the prompt, its missing part grey."""
-    if full_prompt is None:
+def save_images(images, masked, layout, n, rows, out):
+    """A grid with a row per class; with a prompt, each row starts with it, the part to generate grey."""
+    if masked is None:
         path = os.path.join(out, "samples.png")
         save_image_grid(images, path, nrow=n if rows > 1 else min(n, 10))
     else:
-        shown = full_prompt.clone()
-        shown[:, kept:] = 0  # 0 is mid-grey in [-1, 1]
-        shown = from_tokens(shown, layout)
+        shown = from_tokens(masked, layout)
         cells = torch.cat([torch.cat([shown, row]) for row in images.split(n)])
         path = os.path.join(out, "completions.png")
         save_image_grid(cells, path, nrow=n + 1)
     print(f"wrote {path}")
 
 
-def save_audio(waves, full_prompt, kept, layout, n, row_names, out):
-    """One WAV per sample, named after its class, and their spectrograms (after the original prompt clip)."""
+def save_audio(waves, masked, prefix, layout, n, row_names, out):
+    """One WAV per sample, named after its class, and their spectrograms, after the prompt's: prompt.wav holds
+    what is kept of it (its first --keep seconds, or the whole clip with the --mask region silent)."""
     rate = layout["sample_rate"]
     names = [f"{name}_{k}" for name in row_names for k in range(n)]
     panels, titles = [], []
-    if full_prompt is not None:
-        original = from_tokens(full_prompt, layout)[0]
-        write_wav(os.path.join(out, "prompt.wav"), original[: kept * layout["chunk"]], rate)
-        panels.append(original), titles.append(f"prompt (first {kept * layout['chunk'] / rate:.2f} s kept)")
+    if masked is not None:
+        kept = from_tokens(masked, layout)[0]
+        if prefix is not None:
+            kept = kept[: prefix * layout["chunk"]]
+        write_wav(os.path.join(out, "prompt.wav"), kept, rate)
+        panels.append(kept), titles.append("prompt (what is kept)")
     for name, waveform in zip(names, waves):
         write_wav(os.path.join(out, f"{name}.wav"), waveform, rate)
     panels += list(waves)
     titles += names
     save_spectrograms(panels, rate, os.path.join(out, "spectrograms.png"), titles)
-    prompt_note = " and prompt.wav" if full_prompt is not None else ""
+    prompt_note = " and prompt.wav" if masked is not None else ""
     print(f"wrote {len(names)} WAV files{prompt_note} and spectrograms.png to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

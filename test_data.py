@@ -107,10 +107,10 @@ def test_cifar10_refuses_pickles_that_run_code(tmp_path, capsys):
     assert e.value.code == 2 and "refusing to load" in capsys.readouterr().err and not marker.exists()
 
 
-def make_speech_commands(root):
+def make_speech_commands(root, version="v0.02"):
     """Every digit plus "yes" and _background_noise_, three speakers each: speaker a trains, b is in the
     validation list, c in the testing list. Returns {value: (word, subset)} of the files written."""
-    folder = os.path.join(root, "SpeechCommands", "speech_commands_v0.02")
+    folder = os.path.join(root, "SpeechCommands", f"speech_commands_{version}")
     files, validation, testing = {}, [], []
     for w, word in enumerate(data.SC09 + ["yes"]):
         for s, (speaker, subset) in enumerate(
@@ -151,6 +151,19 @@ def test_speech_commands_split(tmp_path):
     assert members(test_set, words) == {1102: "yes", 302: "two"}
 
 
+def test_speech_commands_v0_01_and_missing_files(tmp_path, capsys):
+    """v0.01 has the same layout and list files: it is used where v0.02 is not there. A file named in a list
+    but not on disk is reported as missing, not as unreadable."""
+    files = make_speech_commands(tmp_path, "v0.01")
+    os.remove(tmp_path / "SpeechCommands" / "speech_commands_v0.01" / "seven" / "cccc0003_nohash_0.wav")
+    train_set, test_set, words = data.speech_commands(str(tmp_path))
+    captured = capsys.readouterr()
+    assert "Speech Commands v0.01 in" in captured.out
+    assert "1 files named in the testing list are missing" in captured.err and "unreadable" not in captured.err
+    assert members(train_set, words) == {v: w for v, (w, s) in files.items() if s == "training" and w != "yes"}
+    assert len(test_set) == 9
+
+
 def test_speech_commands_offline_fails_with_a_hint(tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
@@ -179,10 +192,11 @@ def test_audio_folder_resamples_mixes_pads_and_skips(tmp_path, capsys):
     (words_dir / "world" / "c_corrupt.wav").write_bytes(b"RIFF\x00\x00garbage")
     write_float_wav(words_dir / "world" / "d_float.wav")
     (words_dir / "world" / "notes.txt").write_text("not a wav")
+    write_constant(words_dir / "_background_noise_" / "noise.wav", 7)  # not a word
     train_set, test_set, words, skipped = data.audio_folder(str(words_dir))
-    assert words == ["hello", "world"] and skipped == 2
-    assert "warning: skipped 2 unreadable or non-PCM files" in capsys.readouterr().err
-    assert len(train_set) == 9 + 2 and len(test_set) == 1  # the 10th file of "hello" is held out
+    assert words == ["hello", "world"] and skipped == 1
+    assert "warning: skipped 1 unreadable file, e.g." in capsys.readouterr().err
+    assert len(train_set) == 9 + 3 and len(test_set) == 1  # the 10th file of "hello" is held out
     held_out, label = test_set[0]
     assert label == 0 and torch.allclose(held_out, torch.full((16000,), 2000 / 32768))  # stereo, mixed
     clips = {(round(x[0].item() * 32768), words[y]): x for x, y in (train_set[i] for i in range(len(train_set)))}
@@ -191,8 +205,9 @@ def test_audio_folder_resamples_mixes_pads_and_skips(tmp_path, capsys):
     short = clips[(500, "world")]
     assert short[:4000].eq(500 / 32768).all() and short[4000:].eq(0).all()
     assert clips[(-20000, "world")].eq(-20000 / 32768).all()  # trimmed to 1 s, not normalised
+    assert clips[(8192, "world")][:1600].eq(0.25).all()  # the 32-bit float file
     train_set, test_set, words, _ = data.audio_folder(str(words_dir), "world")
-    assert words == ["world"] and len(train_set) == 2 and test_set is None
+    assert words == ["world"] and len(train_set) == 3 and test_set is None
 
 
 def test_mnist_files_are_read_as_they_are(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import media
-from conftest import write_float_wav, write_image, write_pcm
+from conftest import write_image, write_pcm
 from media import prepare_clip, read_wav, write_wav
 
 
@@ -48,6 +48,14 @@ def test_load_image_centre_crops_and_scales(tmp_path):
         media.load_image(tmp_path / "bad.jpg", 32, 32)
 
 
+def test_a_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    levels = np.array([[0, 257 * 64, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    Image.fromarray(levels).save(tmp_path / "deep.png")  # PIL writes mode I;16
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    pixels = media.read_pixels(tmp_path / "deep.png", 4, 4, channels=1)
+    assert pixels[0, 0].tolist() == [0, 64, 128, 255]
+
+
 def test_save_image_grid(tmp_path):
     images = torch.stack([-torch.ones(3, 2, 2), torch.ones(3, 2, 2)])  # black, white
     media.save_image_grid(images, str(tmp_path / "sub" / "grid.png"), nrow=2, scale=3)
@@ -70,14 +78,51 @@ def test_wav_round_trip_is_exact(tmp_path):
         assert struct.unpack("<2h", f.readframes(2)) == (-32768, 32767)
 
 
-def test_read_wav_refuses_what_is_not_16_bit_pcm(tmp_path):
-    write_pcm(tmp_path / "eight.wav", torch.full((1, 100), 128), width=1)
-    write_float_wav(tmp_path / "float.wav")
+def write_riff(path, tag, channels, bits, payload, rate=16000, extensible=False, before_data=b""):
+    """A WAV file written byte by byte: a fmt chunk (plain, or WAVE_FORMAT_EXTENSIBLE with `tag` as the
+    sub-format), any chunks in `before_data`, and a data chunk holding `payload`."""
+    align = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * align, align, bits)
+    if extensible:  # cbSize, valid bits, channel mask, sub-format GUID (its first two bytes: the format tag)
+        guid = struct.pack("<H", tag) + bytes.fromhex("000000001000800000aa00389b71")
+        fmt += struct.pack("<HHI", 22, bits, 0) + guid
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + before_data
+    body += b"data" + struct.pack("<I", len(payload)) + payload
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_read_wav_reads_pcm_and_float_of_every_width(tmp_path):
+    values = np.array([-1.0, -0.5, 0.0, 0.25, 0.5 - 2**-7])  # exact in 8 bits and wider
+    payloads = {
+        (1, 8): (values * 128 + 128).astype(np.uint8).tobytes(),  # 8-bit WAV is unsigned
+        (1, 16): (values * 2**15).astype("<i2").tobytes(),
+        (1, 24): b"".join(int(v * 2**23).to_bytes(3, "little", signed=True) for v in values),
+        (1, 32): (values * 2**31).astype("<i4").tobytes(),
+        (3, 32): values.astype("<f4").tobytes(),
+        (3, 64): values.astype("<f8").tobytes(),
+    }
+    for (tag, bits), payload in payloads.items():
+        for extensible in (False, True):
+            path = tmp_path / f"{tag}_{bits}_{extensible}.wav"
+            write_riff(path, tag, 1, bits, payload, rate=8000, extensible=extensible)
+            waveform, rate = read_wav(path)
+            assert rate == 8000 and waveform.shape == (1, 5), path.name
+            assert torch.equal(waveform[0], torch.tensor(values, dtype=torch.float32)), path.name
+    stereo = np.array([[1000, -1000], [2000, -2000], [3000, -3000]], dtype="<i2")  # frames of (left, right)
+    odd_chunk = b"LIST" + struct.pack("<I", 3) + b"abc" + b"\0"  # an odd-sized chunk and its pad byte
+    write_riff(tmp_path / "stereo.wav", 1, 2, 16, stereo.tobytes() + b"\x01", before_data=odd_chunk)  # + half a frame
+    waveform, _ = read_wav(tmp_path / "stereo.wav")
+    assert torch.equal(waveform * 32768, torch.tensor(stereo.T, dtype=torch.float32))
+
+
+def test_read_wav_refuses_what_it_cannot_read(tmp_path):
+    write_riff(tmp_path / "adpcm.wav", 2, 1, 4, b"\0" * 100)  # Microsoft ADPCM: compressed
+    write_riff(tmp_path / "mulaw.wav", 7, 1, 8, b"\0" * 100)  # G.711 mu-law: not linear PCM
     (tmp_path / "junk.wav").write_bytes(b"this is not audio at all")
-    with pytest.raises(ValueError, match="8-bit"):
-        read_wav(tmp_path / "eight.wav")
-    for name in ("float.wav", "junk.wav"):
-        with pytest.raises(ValueError, match="not a PCM WAV"):
+    (tmp_path / "no_data.wav").write_bytes(b"RIFF" + struct.pack("<I", 4) + b"WAVE")
+    for name, message in (("adpcm.wav", "format 0x2 with 4-bit"), ("mulaw.wav", "format 0x7 with 8-bit"),
+                          ("junk.wav", "no RIFF/WAVE header"), ("no_data.wav", "no fmt or data chunk")):
+        with pytest.raises(ValueError, match=message):
             read_wav(tmp_path / name)
 
 

@@ -23,12 +23,13 @@ IMAGE = image_layout(channels=3, height=8, width=8, patch=2)  # 16 tokens of 12 
 AUDIO = audio_layout(sample_rate=800, length=800, chunk=50)  # 1 s: 16 tokens of 50 samples
 
 
-def make_checkpoint(path, layout, class_names):
+def make_checkpoint(path, layout, class_names, order="raster"):
     """A tiny random model. The head's modulation and output start at zero, which would make every
     sample independent of the RetNet; random head weights make samples depend on z (and on the mode)."""
     torch.manual_seed(0)
     seq_len, token_dim = layout_shape(layout)
-    model = ADR(ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=len(class_names), **SIZES["tiny"]))
+    config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=len(class_names), order=order, **SIZES["tiny"])
+    model = ADR(config)
     with torch.no_grad():
         for p in model.head.parameters():
             p.normal_(0, 0.05)
@@ -43,11 +44,19 @@ def ckpts(tmp_path_factory):
         image=make_checkpoint(folder / "image.pt", IMAGE, ["cat", "dog", "ship"]),
         audio=make_checkpoint(folder / "audio.pt", AUDIO, ["yes", "no"]),
         unconditional=make_checkpoint(folder / "unconditional.pt", IMAGE, []),
+        any_order=make_checkpoint(folder / "any_order.pt", IMAGE, ["cat", "dog", "ship"], order="random"),
+        any_order_audio=make_checkpoint(folder / "any_order_audio.pt", AUDIO, ["yes", "no"], order="random"),
     )
 
 
 def run_sample(ckpt, out, *flags):
     sample.main(["--ckpt", ckpt, "--out", str(out), "--steps", "3", "--device", "cpu", *flags])
+
+
+def test_an_unwritable_out_fails_before_sampling(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "timed_sample", lambda *args, **kwargs: pytest.fail("sampled before the check"))
+    (tmp_path / "taken").write_text("a file, not a folder")
+    fails_with(capsys, ckpts["audio"], tmp_path / "taken" / "sub", "cannot write there")
 
 
 def pixels(path):
@@ -88,7 +97,7 @@ def test_image_grid_has_a_row_per_class_and_timing(ckpts, tmp_path, capsys):
     out = capsys.readouterr().out
     assert (
         "sampled 12 images of 16 tokens" in out
-        and "(recurrent mode, cfg 3)" in out
+        and "(recurrent mode, ddpm, 3 steps, cfg 3)" in out
         and "s/sample" in out
         and "tokens/s" in out
     )
@@ -240,8 +249,13 @@ def test_bad_flag_values(ckpts, tmp_path, capsys):
     fails_with(capsys, ckpts["image"], tmp_path, "--mode: invalid choice: 'fast'", "--mode", "fast")
     fails_with(capsys, ckpts["image"], tmp_path, "--n: 'ten' is not an integer", "--n", "ten")
     fails_with(capsys, ckpts["image"], tmp_path, "--device 'tpu': not a device adr runs on", "--device", "tpu")
+    fails_with(capsys, ckpts["image"], tmp_path, "--device 'meta': not a device adr runs on", "--device", "meta")
+    for flag in ("--cfg", "--temperature"):
+        for value in ("nan", "inf"):
+            fails_with(capsys, ckpts["image"], tmp_path, f"{flag}: {value} is not a finite number", flag, value)
     (tmp_path / "taken").write_text("a file, not a folder")
-    fails_with(capsys, ckpts["image"], tmp_path / "taken", "cannot create the folder")
+    fails_with(capsys, ckpts["image"], tmp_path / "taken", "--out")
+    fails_with(capsys, ckpts["image"], tmp_path / "taken" / "sub", "cannot write there")
 
 
 def test_command_line_error_has_no_traceback(ckpts, tmp_path):
@@ -268,3 +282,102 @@ def test_raw_samples_are_saved_as_npz(ckpts, tmp_path):
     run_sample(ckpts["unconditional"], tmp_path / "unconditional", "--n", "3")
     saved = np.load(tmp_path / "unconditional" / "samples.npz")
     assert saved["labels"].tolist() == [-1, -1, -1] and saved["class_names"].tolist() == []
+
+
+def test_masks_keep_the_rest_of_the_prompt(ckpts, tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, (8, 8, 3))
+    write_png(tmp_path / "prompt.png", image)
+    for mask, generated in (("center", np.s_[2:6, 2:6]), ("left", np.s_[:, :4]), ("top", np.s_[:4, :])):
+        out = tmp_path / mask
+        run_sample(
+            ckpts["any_order"],
+            out,
+            "--n",
+            "2",
+            "--prompt",
+            str(tmp_path / "prompt.png"),
+            "--mask",
+            mask,
+            "--tokens-per-step",
+            "3",
+        )
+        grid = pixels(out / "completions.png")
+        keep = np.ones((8, 8), dtype=bool)
+        keep[generated] = False
+        for row in range(3):
+            shown = grid_cell(grid, row, 0)
+            assert np.abs(shown[keep] - image[keep]).max() <= 1 and np.abs(shown[~keep] - 128).max() <= 1
+            for col in (1, 2):
+                completion = grid_cell(grid, row, col)
+                assert np.abs(completion[keep] - image[keep]).max() <= 1  # kept exactly (up to rounding)
+                assert np.abs(completion[~keep] - image[~keep]).max() > 1  # generated
+    mask_file = np.zeros((8, 8), dtype=np.uint8)
+    mask_file[:, 6:] = 255  # white: generate the two right-most columns (one column of 2x2 patches)
+    write_png(tmp_path / "mask.png", np.stack([mask_file] * 3, -1))
+    run_sample(
+        ckpts["any_order"],
+        tmp_path / "file",
+        "--n",
+        "1",
+        "--class",
+        "cat",
+        "--prompt",
+        str(tmp_path / "prompt.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+    )
+    completion = grid_cell(pixels(tmp_path / "file" / "completions.png"), 0, 1)
+    assert np.abs(completion[:, :6] - image[:, :6]).max() <= 1 and np.abs(completion[:, 6:] - image[:, 6:]).max() > 1
+
+
+def test_an_audio_gap_is_filled(ckpts, tmp_path):
+    clip = (np.random.default_rng(2).uniform(-0.5, 0.5, 800) * 32768).astype(int)
+    write_mono_pcm(tmp_path / "prompt.wav", clip, 800)
+    run_sample(
+        ckpts["any_order_audio"],
+        tmp_path / "out",
+        "--class",
+        "no",
+        "--prompt",
+        str(tmp_path / "prompt.wav"),
+        "--mask",
+        "center",
+    )
+    kept, _, _, _ = read_pcm(tmp_path / "out" / "prompt.wav")
+    middle = np.s_[200:600]  # 16 chunks of 50 samples: chunks 4 .. 11 are generated
+    assert len(kept) == 800 and (kept[middle] == 0).all() and np.abs(kept[:200] - clip[:200]).max() <= 1
+    samples, _, _, _ = read_pcm(tmp_path / "out" / "no_0.wav")
+    assert np.abs(samples[:200] - clip[:200]).max() <= 1 and np.abs(samples[600:] - clip[600:]).max() <= 1
+    assert np.abs(samples[middle] - clip[middle]).max() > 100
+
+
+def test_what_a_raster_model_cannot_do_is_one_line(ckpts, tmp_path, capsys):
+    write_png(tmp_path / "prompt.png", np.zeros((8, 8, 3)))
+    prompt = ["--prompt", str(tmp_path / "prompt.png")]
+    fails_with(capsys, ckpts["image"], tmp_path, "trained in raster order", *prompt, "--mask", "center")
+    fails_with(
+        capsys,
+        ckpts["image"],
+        tmp_path,
+        "--tokens-per-step 2: this model was trained in raster order",
+        "--tokens-per-step",
+        "2",
+    )
+    fails_with(capsys, ckpts["image"], tmp_path, "--order random: this model", "--order", "random")
+    fails_with(capsys, ckpts["image"], tmp_path, "give one of them", *prompt, "--mask", "center", "--keep", "0.5")
+    fails_with(capsys, ckpts["image"], tmp_path, "--mask needs --prompt", "--mask", "center")
+    fails_with(capsys, ckpts["any_order"], tmp_path, "--mask nowhere: use top", *prompt, "--mask", "nowhere")
+    fails_with(capsys, ckpts["any_order"], tmp_path, "it must cover some tokens", *prompt, "--mask", "random:1")
+    run_sample(ckpts["image"], tmp_path / "ok", "--n", "1", *prompt, "--mask", "bottom")  # a prefix: fine
+
+
+def test_a_compiled_head_gives_the_same_samples(ckpts):
+    """The wiring of --compile, traced by torch.compile with its eager backend (the CPU test skips code generation)."""
+    model = load_checkpoint(ckpts["image"])[0]
+    labels = torch.tensor([0, 2])
+    torch.manual_seed(0)
+    plain = model.sample(2, labels, steps=3, cfg_scale=2.0)
+    trainer.compile_head(model, backend="eager")
+    torch.manual_seed(0)
+    compiled = model.sample(2, labels, steps=3, cfg_scale=2.0)
+    assert type(model.head.net).__name__ == "OptimizedModule" and torch.allclose(plain, compiled, atol=1e-6)

@@ -2,9 +2,12 @@
 
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import time
+import warnings
 import wave
 from types import SimpleNamespace
 
@@ -53,12 +56,21 @@ class RunsCode:
         return (os.system, ("echo pwned > pwned.txt",))
 
 
-def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("container", ["zip", "plain pickle"])
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch, protocol, container):
+    """Refused before anything runs, for the right reason, and without torch's warnings about the protocol."""
     monkeypatch.chdir(tmp_path)
-    torch.save({"format": trainer.CHECKPOINT_FORMAT, "payload": RunsCode()}, tmp_path / "evil.pt")
-    with pytest.raises(trainer.CheckpointError, match="not an adr checkpoint.*refused"):
-        trainer.load_checkpoint(tmp_path / "evil.pt")
-    assert not (tmp_path / "pwned.txt").exists()
+    payload = {"format": trainer.CHECKPOINT_FORMAT, "payload": RunsCode()}
+    if container == "zip":
+        torch.save(payload, tmp_path / "evil.pt", pickle_protocol=protocol)
+    else:
+        (tmp_path / "evil.pt").write_bytes(pickle.dumps(payload, protocol=protocol))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(trainer.CheckpointError, match="would call (os|posix).system, refused for safety"):
+            trainer.load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned.txt").exists() and not caught
 
 
 def test_wrong_files_give_a_clear_error(tmp_path):
@@ -76,22 +88,9 @@ def test_wrong_files_give_a_clear_error(tmp_path):
             trainer.load_checkpoint(tmp_path / name)
 
 
-FAST = [
-    "--size",
-    "tiny",
-    "--batch-size",
-    "4",
-    "--eval-examples",
-    "4",
-    "--bpd-examples",
-    "4",
-    "--sample-steps",
-    "2",
-    "--num-workers",
-    "0",
-    "--log-every",
-    "0",
-]
+# a short run: few steps, tiny batches, no warm-up, 2 reverse diffusion steps for the sample grid
+FAST = ["--size", "tiny", "--batch-size", "4", "--eval-examples", "4", "--bpd-examples", "4", "--sample-steps", "2",
+        "--num-workers", "0", "--log-every", "0", "--warmup", "0"]
 
 
 def test_held_out_examples_span_the_classes():
@@ -187,6 +186,27 @@ def test_same_seed_same_run(image_dir, tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_random_order_training(image_dir, tmp_path):
+    out = tmp_path / "run"
+    train_image.main(
+        [
+            "--image-folder",
+            str(image_dir),
+            "--out",
+            str(out),
+            *FAST,
+            "--steps",
+            "2",
+            "--order",
+            "random",
+            "--sample-steps",
+            "1",
+        ]
+    )
+    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert model.config.order == "random" and hasattr(model, "source_emb") and (out / "samples_000002.png").exists()
+
+
 def test_unconditional(image_dir, tmp_path):
     out = tmp_path / "run"
     train_image.main(
@@ -228,11 +248,162 @@ def test_bits_per_dim_bound_for_a_conditional_model(image_dir):
 
 
 def test_bad_flags_exit_2(capsys):
-    for argv in (["--steps", "0"], ["--lr", "-1"], ["--ema", "1"], ["--size", "huge"], ["--batch-size", "x"]):
+    for argv in (
+        ["--steps", "0"],
+        ["--lr", "-1"],
+        ["--ema", "1"],
+        ["--size", "huge"],
+        ["--batch-size", "x"],
+        ["--lr", "nan"],
+        ["--lr", "inf"],
+        ["--weight-decay", "nan"],
+        ["--ema", "nan"],
+        ["--minutes", "inf"],
+    ):
         with pytest.raises(SystemExit) as e:
             train_image.main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: argument"), (argv, err)
+        if "nan" in argv or "inf" in argv:
+            assert "is not a finite number" in err[0]
+
+
+def one_line_exit(capsys, main, argv, message, code=2):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_devices_and_unwritable_outputs_fail_before_the_data_is_read(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    nowhere = str(tmp_path / "missing_data")  # reading it would fail too, later: the early checks must come first
+    common = ["--dataset", "mnist", "--data", nowhere, "--size", "tiny"]
+    one_line_exit(capsys, train_image.main, [*common, "--out", str(tmp_path / "a_file" / "run")], "cannot write there")
+    one_line_exit(
+        capsys,
+        train_image.main,
+        [*common, "--out", str(tmp_path / "r"), "--device", "meta"],
+        "--device 'meta': not a device adr runs on",
+    )
+    if not torch.backends.mps.is_available():
+        one_line_exit(
+            capsys,
+            train_image.main,
+            [*common, "--out", str(tmp_path / "r"), "--device", "mps"],
+            "no Apple-silicon (MPS) GPU",
+        )
+
+
+def test_a_short_run_warms_up_over_a_tenth_of_it(capsys):
+    args = trainer.common_parser("test", "out").parse_args(["--size", "tiny", "--steps", "40"])
+    assert args.warmup == 4 and "warming up over 4 steps" in capsys.readouterr().err
+    args = trainer.common_parser("test", "out").parse_args(["--size", "tiny", "--steps", "400"])
+    assert args.warmup == 100 and capsys.readouterr().err == ""
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_dir, tmp_path, monkeypatch, capsys):
+    calls = []
+    real_loss = adr.DiffusionHead.loss
+
+    def loss_that_turns_nan(self, x0, z):
+        calls.append(1)
+        value = real_loss(self, x0, z)
+        return value * float("nan") if len(calls) == 5 else value
+
+    monkeypatch.setattr(adr.DiffusionHead, "loss", loss_that_turns_nan)
+    os.remove(image_dir / "train" / "cat" / "broken.png")  # its warning would be a second line
+    out = tmp_path / "run"
+    argv = [
+        "--image-folder",
+        str(image_dir),
+        "--out",
+        str(out),
+        *FAST,
+        "--steps",
+        "8",
+        "--ckpt-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--eval-bpd-every",
+        "0",
+    ]
+    err = one_line_exit(capsys, train_image.main, argv, "the training loss is nan at step 5", code=1)
+    assert "holds the last good one" in err
+    _, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_resume_names_what_differs_and_checks_before_reading_data(image_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--image-folder", str(image_dir), "--out", str(out), *FAST, "--eval-bpd-every", "0"]
+    train_image.main([*common, "--steps", "2", "--sample-every", "0"])
+    capsys.readouterr()
+    moved = ["--image-folder", str(tmp_path / "elsewhere"), "--out", str(out), *FAST]  # no data there: never read
+    one_line_exit(capsys, train_image.main, [*moved, "--steps", "4", "--resume"], "it was trained on image-folder in")
+    one_line_exit(
+        capsys,
+        train_image.main,
+        [*common, "--steps", "4", "--resume", "--unconditional"],
+        "it was trained with classes (--unconditional differs)",
+    )
+    one_line_exit(
+        capsys,
+        train_image.main,
+        [*common, "--steps", "4", "--resume", "--order", "random"],
+        "it was trained in raster order, and this run asks for --order random",
+    )
+    one_line_exit(
+        capsys,
+        train_audio.main,
+        ["--audio-folder", str(image_dir), "--out", str(out), "--steps", "4", "--resume", *FAST],
+        "it holds an image model, and this run trains an audio model",
+    )
+    train_image.main([*common, "--steps", "3", "--resume", "--lr", "0.5", "--batch-size", "3"])
+    err = capsys.readouterr().err
+    assert "going on with --lr 0.5 (the run used 0.001), --batch-size 3 (the run used 4)" in err
+
+
+def test_ctrl_c_while_the_data_loads_is_one_line(image_dir, tmp_path):
+    """The loader blocks on a named pipe that looks like an image (as on a slow disk), Ctrl-C arrives."""
+    fifo = image_dir / "train" / "cat" / "slow.png"
+    os.mkfifo(fifo)
+    command = [
+        sys.executable,
+        "train_image.py",
+        "--image-folder",
+        str(image_dir),
+        "--out",
+        str(tmp_path / "run"),
+        *FAST,
+        "--steps",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("reading images"):
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        with open(fifo, "wb"):  # let the blocked reader go: it finds an empty file
+            pass
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr
 
 
 def test_sigint_leaves_a_loadable_checkpoint(image_dir, tmp_path):
@@ -307,7 +478,7 @@ def test_torchrun_two_processes(image_dir, tmp_path):
     [
         (["--audio-folder", "missing_dir"], "is not a folder"),
         (["--audio-folder", "{words}", "--words", "hello,nope"], "no nope in"),
-        (["--audio-folder", "{empty}"], "no readable 16-bit PCM WAV"),
+        (["--audio-folder", "{empty}"], "no readable WAV files"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):
@@ -376,7 +547,7 @@ def test_unconditional_samples_are_numbered(tmp_path):
     torch.manual_seed(0)
     model = adr.ADR(adr.ADRConfig(token_dim=160, seq_len=100, num_classes=0, **adr.SIZES["tiny"])).eval()
     real = data.Clips(torch.full((3, 16000), 1000, dtype=torch.int16), [0, 1, 1])
-    args = type("Args", (), dict(unconditional=True, sample_steps=2, cfg_scale=3.0))
+    args = type("Args", (), dict(unconditional=True, sample_steps=2, cfg_scale=3.0, sampler="ddpm"))
     train_audio.sample_writer(args, media.audio_layout(), ["a", "b"], real)(model, str(tmp_path), 7)
     assert sorted(os.listdir(tmp_path / "samples" / "step_000007")) == ["sample_0.wav", "sample_1.wav"]
     assert (tmp_path / "spectrograms_000007.png").exists()

@@ -17,9 +17,10 @@ Generated tokens go back through the inverse mu-law straight to a waveform: no v
 
 Speech Commands is found (and downloaded if missing) with torchaudio.datasets.SPEECHCOMMANDS, which also
 gives its official split: "training" trains, "testing" is the held-out set; the "validation" clips are
-not used. Recent torchaudio decodes audio through FFmpeg, so the 16-bit PCM files are read here with the
-standard library's `wave` module instead. A folder of WAVs is resampled to 16 kHz, mixed to mono, padded
-or trimmed to 1 s; every 10th file of each word is held out for the test loss and bits/dim.
+not used (v0.01 is used where only it is there). Recent torchaudio decodes audio through FFmpeg, so WAV files
+are read here by media.read_wav instead: PCM of 8, 16, 24 or 32-bit integers or 32/64-bit floats, with plain
+or extensible headers. A folder of WAVs is resampled to 16 kHz, mixed to mono, padded or trimmed to 1 s;
+every 10th file of each word is held out for the test loss and bits/dim.
 
 Writes to --out (default out/audio): ckpt.pt, log.csv, loss.png, and at every --sample-every steps one
 WAV per word (samples/step_NNNNNN/<word>.wav) and spectrograms_NNNNNN.png, generated next to real clips.
@@ -31,7 +32,7 @@ import torch
 
 from data import CLIP_LENGTH, SAMPLE_RATE, load_dataset
 from media import audio_layout, from_tokens, rms, save_spectrograms, write_wav
-from trainer import Task, check_out, common_parser, log, rank_zero_first, setup, train
+from trainer import Task, check_run, common_parser, log, rank_zero_first, run, setup, train
 
 
 def first_clip_per_class(dataset, num_classes):
@@ -54,7 +55,7 @@ def sample_writer(args, layout, words, real_set):
         device = next(model.parameters()).device
         labels = torch.arange(len(words), device=device) if conditional else None
         cfg_scale = args.cfg_scale if conditional else 1.0
-        tokens = model.sample(len(names), labels, steps=args.sample_steps, cfg_scale=cfg_scale)
+        tokens = model.sample(len(names), labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler)
         waves = from_tokens(tokens.float(), layout).cpu()
         folder = os.path.join(out_dir, "samples", f"step_{step:06d}")
         os.makedirs(folder, exist_ok=True)
@@ -77,17 +78,18 @@ def sample_writer(args, layout, words, real_set):
 def main(argv=None):
     parser = common_parser("Train ADR on spoken words: Speech Commands (downloaded to --data) or a folder of WAVs.",
                            default_out=os.path.join("out", "audio"))
-    parser.add_argument("--audio-folder", metavar="DIR", help="train on DIR/<word>/*.wav instead of Speech Commands")
+    parser.add_argument("--audio-folder", metavar="DIR", help="train on DIR/<word>/*.wav instead of Speech Commands "
+                        "(sub-folders starting with _ are not words; WAVs of 8/16/24/32-bit PCM or float)")
     parser.add_argument("--words", help="comma-separated classes (default: zero..nine for Speech Commands, every "
                         "sub-folder for --audio-folder)")
     args = parser.parse_args(argv)
     setup(args)
-    check_out(args)
     words = [w.strip() for w in args.words.split(",")] if args.words is not None else None
     if args.audio_folder is not None:
         source = dict(name="audio-folder", root=os.path.abspath(args.audio_folder), words=words)
     else:
         source = dict(name="speech-commands", root=os.path.abspath(args.data), words=words)
+    check_run(args, source, "audio")
     layout = audio_layout(sample_rate=SAMPLE_RATE, length=CLIP_LENGTH, chunk=160, mu=255.0)
     train_set, test_set, words = rank_zero_first(args, lambda: load_dataset(source, layout))
     source["words"] = words  # the classes, in label order, as evaluate.py must read them again
@@ -96,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

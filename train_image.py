@@ -17,7 +17,7 @@ import torch
 
 from data import IMAGE_DATASETS, default_image_layout, load_dataset
 from media import from_tokens, save_image_grid
-from trainer import Task, check_out, common_parser, log, rank_zero_first, setup, train
+from trainer import Task, check_run, common_parser, log, rank_zero_first, run, setup, train
 
 
 def sample_grid_writer(args, layout, class_names, per_row=10):
@@ -27,7 +27,8 @@ def sample_grid_writer(args, layout, class_names, per_row=10):
         device = model.pos_emb.device
         labels = torch.arange(len(class_names), device=device).repeat_interleave(per_row) if class_names else None
         n = len(labels) if class_names else per_row * per_row
-        tokens = model.sample(n, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale if class_names else 1.0)
+        cfg_scale = args.cfg_scale if class_names else 1.0
+        tokens = model.sample(n, labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler)
         path = os.path.join(out_dir, f"samples_{step:06d}.png")
         save_image_grid(from_tokens(tokens.float(), layout), path, nrow=per_row)
         log(f"samples: {path}" + (f" (rows: {', '.join(class_names)})" if class_names else ""))
@@ -43,11 +44,11 @@ def main(argv=None):
                         "DIR/train/<class>/... with an optional DIR/test/), read as 32x32 RGB, instead of --dataset")
     args = parser.parse_args(argv)
     setup(args)
-    check_out(args)
     if args.image_folder:
         source = dict(name="image-folder", root=os.path.abspath(args.image_folder))
     else:
         source = dict(name=args.dataset, root=os.path.abspath(args.data))
+    check_run(args, source, "image")
     layout = default_image_layout(source["name"])
     train_set, test_set, class_names = rank_zero_first(args, lambda: load_dataset(source, layout))
     test = f", {len(test_set)} test" if test_set is not None else ""
@@ -59,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

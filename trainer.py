@@ -11,9 +11,13 @@ import copy
 import csv
 import math
 import os
+import pickletools
 import signal
 import sys
+import tempfile
 import time
+import warnings
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -24,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from adr import ADR, SIZES, ADRConfig, bits_per_dim
+from adr import ADR, SAMPLERS, SIZES, ADRConfig, bits_per_dim
 from media import layout_shape, quantisation_bins, to_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -40,6 +44,16 @@ def log(*parts):
 def warn(message):
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def run(main):
+    """A script's entry point: Ctrl-C before the training loop takes it over (while data loads, say) ends the
+    script with one line and exit code 130, not a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def fail(message: str) -> NoReturn:
@@ -132,23 +146,40 @@ class Parser(OneLineErrors):
         for name, value in SIZE_DEFAULTS[args.size].items():
             if getattr(args, name, None) is None:
                 setattr(args, name, None if name == "steps" and args.minutes is not None else value)
+        if args.steps is not None and args.warmup >= args.steps:
+            warmup = args.steps // 10
+            instead = f"warming up over {warmup} steps (a tenth of the run)" if warmup else "no warm-up"
+            warn(f"--warmup {args.warmup} is not shorter than the run's {args.steps} steps, so the learning rate would "
+                 f"never reach --lr {args.lr:g}: {instead} instead")
+            args.warmup = warmup
         return args
 
 
 # The sampling settings, in one place for sample.py, evaluate.py and the training scripts' sample files.
-SAMPLING = dict(steps=100, temperature=1.0, cfg_scale=3.0)
+SAMPLING = dict(sampler="ddpm", steps=100, temperature=1.0, cfg_scale=3.0)
 
 
 def add_sampling_flags(p):
+    p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLING["sampler"], help="the reverse chain: ddpm "
+                   "(ancestral), ddim (deterministic with --eta 0) or dpm++ (DPM-Solver++(2M), deterministic) "
+                   f"(default: {SAMPLING['sampler']})")
+    p.add_argument("--eta", type=number(float, 0, high=1), default=0.0,
+                   help="with --sampler ddim: the share of DDPM's noise, 0 to 1 (default: 0)")
     p.add_argument("--steps", type=number(int, 1), default=SAMPLING["steps"],
-                   help=f"reverse diffusion steps per token (default: {SAMPLING['steps']})")
+                   help=f"reverse diffusion steps (denoiser calls) per token (default: {SAMPLING['steps']})")
     p.add_argument("--temperature", type=number(float, 0), default=SAMPLING["temperature"],
                    help=f"scale of the noise added at each reverse step (default: {SAMPLING['temperature']:g})")
     p.add_argument("--cfg", type=number(float, 0), default=None, help=f"classifier-free guidance scale, 1 = none "
                    f"(default: {SAMPLING['cfg_scale']:g} for a class-conditional model, 1 otherwise)")
+    p.add_argument("--tokens-per-step", type=number(int, 1), default=1, help="tokens generated per backbone step, "
+                   "asked for from the same state (needs a model trained with --order random; default: 1)")
+    p.add_argument("--order", choices=["raster", "random"], default=None,
+                   help="the order of the tokens to generate (default: the order the model was trained in)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them (default: yes)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the diffusion head's denoiser (CUDA graphs "
+                   "on a GPU; a slow first token, then faster steps)")
 
 
 def sampling_options(args, config):
@@ -158,8 +189,15 @@ def sampling_options(args, config):
     if config.num_classes == 0 and args.cfg not in (None, 1.0):
         fail(f"--cfg {args.cfg:g}: guidance needs a class-conditional checkpoint and this one has no classes; "
              f"leave --cfg at 1")
+    if args.eta and args.sampler != "ddim":
+        fail(f"--eta {args.eta:g}: only --sampler ddim takes it")
+    if config.order == "raster" and (args.tokens_per_step > 1 or args.order == "random"):
+        flag = f"--tokens-per-step {args.tokens_per_step}" if args.tokens_per_step > 1 else "--order random"
+        fail(f"{flag}: this model was trained in raster order and generates one token at a time, in raster order; "
+             f"train with --order random for this")
     cfg_scale = args.cfg if args.cfg is not None else (SAMPLING["cfg_scale"] if config.num_classes else 1.0)
-    return dict(steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale)
+    return dict(sampler=args.sampler, eta=args.eta, steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale,
+                tokens_per_step=args.tokens_per_step, order=args.order)
 
 
 def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
@@ -189,6 +227,8 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out")
     p.add_argument("--data", default="./data", help="folder the dataset is downloaded to")
     p.add_argument("--unconditional", action="store_true", help="ignore the class labels")
+    p.add_argument("--order", choices=["raster", "random"], default="raster", help="the order the model reads tokens "
+                   "in: raster, or a random order per example (any-order: fills in any region, several tokens a step)")
     p.add_argument("--log-every", type=number(float, 0), default=10.0, help="seconds between progress lines")
     per_size("eval_every", int, 0, "steps between held-out loss measurements (0: at the end only)")
     per_size("sample_every", int, 0, "steps between sample files (0: at the end only)")
@@ -196,6 +236,8 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     per_size("eval_examples", int, 1, "test examples for the held-out loss")
     per_size("eval_bpd_every", int, 0, "steps between bits/dim measurements on the test split (0: at the end only)")
     per_size("bpd_examples", int, 1, "test examples for bits/dim")
+    p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLING["sampler"],
+                   help="the reverse chain of the sample files")
     p.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=SAMPLING["steps"],
                    help="reverse diffusion steps per token for the sample files")
     p.add_argument("--cfg-scale", type=number(float, 0), default=SAMPLING["cfg_scale"],
@@ -227,18 +269,44 @@ def save_checkpoint(path, model, layout, class_names=None, ema=None, **extra):
     os.replace(tmp, path)
 
 
+def foreign_global(path):
+    """The first function or class outside torch that the pickle in a torch file (zip or legacy) names, as
+    "module.name", or None: naming one is how a pickle runs code when it is loaded. Read, never run."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        strings = []
+        for opcode, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and opcode.name.endswith("UNICODE"):
+                strings.append(arg)
+            name = arg.replace(" ", ".") if opcode.name in ("GLOBAL", "INST") else None
+            if opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = ".".join(strings[-2:])  # the module and the name, the last two strings pushed
+            if name and name.split(".")[0] not in ("torch", "collections", "_codecs"):
+                return name
+    except Exception:
+        return None
+    return None
+
+
 def load_checkpoint(path, device="cpu", use_ema=True):
     """Returns (model in eval mode, checkpoint dict). Loads with weights_only=True, so a file that would
     run code when unpickled is refused; anything that is not an adr checkpoint raises CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: pass the ckpt.pt written by train_image.py or train_audio.py")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it did not write
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    except Exception as e:
-        code = "GLOBAL" in str(e)  # the pickle names a function or class: loading it could run code
-        why = ("it holds objects other than tensors and plain values, refused for safety" if code
+    except Exception:
+        culprit = foreign_global(path)
+        why = (f"unpickling it would call {culprit}, refused for safety" if culprit
                else "it could not be read as a torch file")
         raise CheckpointError(f"{path} is not an adr checkpoint: {why}") from None
     if isinstance(ckpt, dict) and ckpt.get("format") == "adr-checkpoint-v1":
@@ -281,6 +349,14 @@ class Stopwatch:
             return result
 
         return timed
+
+
+def compile_head(model, backend="inductor"):
+    """torch.compile the denoiser, the network every step of the reverse chain calls with the same shapes. On a
+    GPU with mode "reduce-overhead" its calls replay as CUDA graphs: at these sizes a step is launch-bound."""
+    mode = "reduce-overhead" if model.pos_emb.device.type == "cuda" and backend == "inductor" else None
+    model.head.net = torch.compile(model.head.net, backend=backend, mode=mode, dynamic=False)
+    return model
 
 
 def timed_sample(model, n, labels=None, **options):
@@ -408,14 +484,16 @@ def held_out_loss(model, task, args, device, autocast):
     return total / n
 
 
-def held_out_bpd(model, test_set, layout, num_classes, count, batch_size, device):
+def held_out_bpd(model, test_set, layout, num_classes, count, batch_size, device, order="raster"):
     """Bits per dimension on `count` test examples: (mean, standard error). A class-conditional model is
     scored with the true labels plus log2(classes)/dims: p(x) >= p(c) p(x|c) with p(c) uniform, so the
-    result bounds the unconditional -log2 p(x) / dims as well."""
+    result bounds the unconditional -log2 p(x) / dims as well. order: the chain rule in raster order, or in
+    a random order per example (each is a bound; their average over orders is the any-order model's)."""
     values = []
     with fixed_seed(device):
         for tokens, labels in held_out_batches(test_set, layout, num_classes > 0, count, batch_size, device):
-            bpd = bits_per_dim(model, tokens, labels, *quantisation_bins(tokens, layout)).cpu()
+            permutation = torch.rand(tokens.shape[:2], device=device).argsort(1) if order == "random" else None
+            bpd = bits_per_dim(model, tokens, labels, *quantisation_bins(tokens, layout), order=permutation).cpu()
             values.append(bpd + (math.log2(num_classes) / tokens[0].numel() if labels is not None else 0.0))
     values = torch.cat(values).double()
     stderr = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
@@ -465,8 +543,14 @@ def ignore_sigint(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def check_out(args):
-    """Refuse to overwrite a run's checkpoint, or to resume one that is not there (cheap: call it early)."""
+# The flags a resumed run may change (with a warning), and those that make it another run.
+HYPERPARAMETERS = ["lr", "batch_size", "warmup", "weight_decay", "grad_clip", "ema", "seed"]
+
+
+def check_run(args, source, kind):
+    """Before any expensive work: the output folder is writable, a run's checkpoint is not overwritten, and
+    a checkpoint to resume is there and belongs to this run (same model size, modality, conditioning and
+    data); hyper-parameters that differ from the run's are named in a warning."""
     path = os.path.join(args.out, "ckpt.pt")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file: pass a folder")
@@ -474,19 +558,64 @@ def check_out(args):
         fail(f"--resume: no checkpoint at {path}; run without --resume to start, or point --out at an earlier run")
     if not args.resume and os.path.exists(path):
         fail(f"{path} exists: pass --resume to continue that run, or choose another --out")
-
-
-def resume(path, model, ema, optimizer, task):
-    """Load model, EMA and optimizer state from the checkpoint; returns (step, elapsed seconds, history)."""
+    check_writable(args.out, "--out")
+    if not args.resume:
+        return
     try:
         _, ckpt = load_checkpoint(path)
     except CheckpointError as e:
         fail(f"--resume: {e}")
-    same_run = (ckpt["config"] == asdict(model.config) and ckpt["layout"] == task.layout
-                and ckpt["class_names"] == list(task.class_names) and "optimizer" in ckpt)
-    if not same_run:
-        fail(f"--resume: {path} was written by a different run (model size, data classes or --unconditional "
-             f"differ); use the same flags, or another --out")
+    if "optimizer" not in ckpt:
+        fail(f"--resume: {path} holds no optimizer state (it is not a training run's checkpoint)")
+    config, size = ckpt["config"], asdict(ADRConfig(**SIZES[args.size]))
+    was = ckpt.get("args", {})
+    if ckpt["layout"]["kind"] != kind:
+        why = f"it holds an {ckpt['layout']['kind']} model, and this run trains an {kind} model"
+    elif any(config[k] != size[k] for k in SIZES["tiny"]):
+        why = f"its model size is --size {was.get('size', '?')}, and this run asks for --size {args.size}"
+    elif config.get("order", "raster") != args.order:
+        why = f"it was trained in {config.get('order', 'raster')} order, and this run asks for --order {args.order}"
+    elif (config["num_classes"] == 0) != bool(args.unconditional):
+        why = f"it was trained {'without' if config['num_classes'] == 0 else 'with'} classes (--unconditional differs)"
+    elif ckpt.get("source") and (ckpt["source"]["name"], ckpt["source"]["root"]) != (source["name"], source["root"]):
+        why = (f"it was trained on {ckpt['source']['name']} in {ckpt['source']['root']}, and this run reads "
+               f"{source['name']} in {source['root']}")
+    else:
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {was[k]})" for k in HYPERPARAMETERS
+                   if k in was and getattr(args, k) != was[k]]
+        if changed:
+            warn(f"--resume: going on with {', '.join(changed)}")
+        return
+    fail(f"--resume: {path} belongs to another run: {why}; use that run's flags, or another --out")
+
+
+def check_writable(folder, flag):
+    """Create the folder if needed and write a file there, or say in one line why that cannot be done."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        fail(f"{flag} {folder}: cannot write there ({e.strerror or e})")
+
+
+def check_writable_file(path, flag):
+    """The folder of a file to write exists and takes files, or one line says why not."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        fail(f"{flag} {path}: its folder does not exist; create it or pick another path")
+    check_writable(folder, flag)
+
+
+def resume(path, model, ema, optimizer, task):
+    """Load model, EMA and optimizer state from the checkpoint; returns (step, elapsed seconds, history)."""
+    _, ckpt = load_checkpoint(path)  # check_run has read it already
+    if ckpt["class_names"] != list(task.class_names) or ckpt["layout"] != task.layout:
+        what = (f"its classes are {', '.join(ckpt['class_names'])} and the data's are {', '.join(task.class_names)}"
+                if ckpt["class_names"] != list(task.class_names) else "its token layout differs from this run's")
+        fail(f"--resume: {path} belongs to another run: {what}; use that run's data, or another --out")
+    if ckpt["config"] != asdict(model.config):
+        fail(f"--resume: {path} holds another model configuration than this adr.py makes for these flags")
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -500,8 +629,7 @@ def train(args, task: Task) -> None:
     if not cuda and args.size != "tiny":
         found = "no CUDA GPU found, so " if not torch.cuda.is_available() else ""
         log(f"note: {found}the {args.size} model trains on the CPU, very slowly; --size tiny finishes in minutes")
-    check_out(args)
-    os.makedirs(args.out, exist_ok=True)
+    check_run(args, task.source, task.layout["kind"])
     ckpt_path, log_path, plot_path = (os.path.join(args.out, name) for name in ("ckpt.pt", "log.csv", "loss.png"))
 
     torch.manual_seed(args.seed)
@@ -509,7 +637,8 @@ def train(args, task: Task) -> None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
         torch.backends.cudnn.allow_tf32 = True
     seq_len, token_dim = layout_shape(task.layout)
-    config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=len(task.class_names), **SIZES[args.size])
+    config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=len(task.class_names), order=args.order,
+                       **SIZES[args.size])
     model = ADR(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     matrices = [p for p in model.parameters() if p.dim() >= 2]
@@ -566,6 +695,9 @@ def train(args, task: Task) -> None:
         return elapsed_before + time.time() - start_time
 
     def save():
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never replace a good checkpoint
+            fail_run(f"the weights are not finite at step {step}; stopped without saving over {ckpt_path}. "
+                     f"Lower --lr, or check the data")
         plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
         save_checkpoint(ckpt_path, model, task.layout, task.class_names, ema=ema, step=step, source=task.source,
                         optimizer=optimizer.state_dict(), history=history, elapsed=elapsed(), args=plain_args)
