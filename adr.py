@@ -35,7 +35,7 @@ class ADRConfig:
 
 SIZES = {
     "base": {},  # ADRConfig's defaults
-    "tiny": dict(d_model=64, n_layer=2, n_head=2, head_width=256, head_depth=2),  # CPU; head wider than 160 values
+    "tiny": dict(d_model=64, n_layer=2, n_head=2, head_width=256, head_depth=2, diffusion_batch_mul=1),  # for CPUs
 }
 SAMPLERS = ("ddpm", "ddim", "dpm++")  # the reverse chains of DiffusionHead.sample
 
@@ -401,12 +401,12 @@ class ADR(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, labels=None, steps=100, temperature=1.0, cfg_scale=1.0, sampler="ddpm", eta=0.0, prompt=None,
-               known=None, mask=None, order=None, tokens_per_step=1, mode="recurrent", chunk_size=64):
+               known=None, mask=None, order=None, tokens_per_step=1, mode="recurrent", chunk_size=64, cfg_ramp=False):
         """Generate n sequences of seq_len tokens. Known tokens are read first, chunkwise: a prompt (n, P, D) fixes the
         first P, or known (n, L, D) with mask ((L,) or (n, L), True where known) any. The rest come in `order`
         ("raster", or "random" for a random-order model; default: the model's), tokens_per_step at a time: asked
         for from one state, drawn by one batched head, entered into the state together. mode="parallel"
-        recomputes the whole prefix at every step instead of keeping the recurrent state."""
+        recomputes the whole prefix at every step. cfg_ramp: guidance grows as 1 + (w - 1) i / L (MAR)."""
         config, device, L, D = self.config, self.pos_emb.device, self.config.seq_len, self.config.token_dim
         order, guided = order or config.order, cfg_scale != 1.0
         if prompt is not None:
@@ -455,7 +455,8 @@ class ADR(nn.Module):
                 repeated = states and [s.repeat_interleave(k, 0) for s in states]
                 z, states = self.backbone(inputs(i, i + 1, queries), "recurrent", repeated, pos=i)
                 states = [s[::k] for s in states]
-            new = self.head.sample(z[:, -1], steps, temperature, cfg_scale, sampler, eta)
+            scale = 1 + (cfg_scale - 1) * (i + k) / L if cfg_ramp else cfg_scale  # the i + k tokens there will be
+            new = self.head.sample(z[:, -1], steps, temperature, scale, sampler, eta)
             ordered[:, i : i + k] = new.view(n, k, -1)
             if mode == "recurrent" and 1 < k and i + k < L:  # the other new tokens enter the state
                 states = self.backbone(inputs(i + 1, i + k), "chunkwise", states, pos=i + 1, chunk_size=chunk_size)[1]

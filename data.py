@@ -322,11 +322,12 @@ def audio_folder(folder, requested_words=None):
 IMAGE_DATASETS = ["cifar10", "mnist", "fashion-mnist"]
 
 
-def default_image_layout(name):
-    """The token layout a dataset trains with by default: 4x4 patches of its native images."""
+def default_image_layout(name, patch=4):
+    """The token layout of a dataset's native images (28x28 grayscale, or 32x32 RGB) cut into patch x patch tokens."""
     from media import image_layout
 
-    return image_layout(channels=1, height=28, width=28) if name in MNIST_LIKE else image_layout()
+    size = 28 if name in MNIST_LIKE else 32
+    return image_layout(channels=1 if name in MNIST_LIKE else 3, height=size, width=size, patch=patch)
 
 
 def load_dataset(source, layout):

@@ -207,16 +207,16 @@ def classifier_score(probs):
     return kl.mean().exp().item()
 
 
-def scores(classifier, samples, labels, real_a, real_b, device):
-    """Accuracy (None without labels), Fréchet distance to real_a and the floor (real_b to real_a), and the
-    classifier scores of the samples and of real_a."""
+def scores(classifier, samples, labels, real_a, real_b, device, real_labels=None):
+    """Accuracy of the samples (None without labels) and of real_a (with real_labels), the Fréchet distance to
+    real_a and its floor (real_b to real_a), and the classifier scores of the samples and of real_a."""
     features, probs = predict(classifier, samples.to(device))
     features_a, probs_a = predict(classifier, real_a.to(device))
     features_b, _ = predict(classifier, real_b.to(device))
-    accuracy = None if labels is None else (probs.argmax(-1).cpu() == labels.cpu()).double().mean().item()
-    return dict(accuracy=accuracy, fd=frechet_distance(features, features_a),
-                fd_floor=frechet_distance(features_b, features_a), score=classifier_score(probs),
-                score_real=classifier_score(probs_a))
+    accuracy = lambda p, y: None if y is None else (p.argmax(-1).cpu() == y.cpu()).double().mean().item()  # noqa: E731
+    return dict(accuracy=accuracy(probs, labels), real_accuracy=accuracy(probs_a, real_labels),
+                fd=frechet_distance(features, features_a), fd_floor=frechet_distance(features_b, features_a),
+                score=classifier_score(probs), score_real=classifier_score(probs_a))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def main(argv=None):
         seconds = {k: seconds[k] + spent[k] for k in seconds}
     generated = torch.cat(batches)
     samples = dequantise(quantise(generated, layout), layout)  # what the PNG or WAV files hold
-    result = scores(classifier, samples, labels, real_a, real_b, device)
+    result = scores(classifier, samples, labels, real_a, real_b, device, real_labels[chosen[: n * groups]])
     if args.bpd_examples:
         bpd = lambda order: held_out_bpd(model, test_set, layout, config.num_classes,  # noqa: E731
                                          args.bpd_examples, args.batch_size, device, order)
@@ -307,10 +307,7 @@ def main(argv=None):
     result.update(checkpoint=os.path.abspath(args.ckpt), step=ckpt.get("step"), dataset=source["name"],
                   data=source["root"], samples=n * groups, per_class=n if conditional else None,
                   classifier=classifier_path, classifier_accuracy=classifier_accuracy, seed=args.seed,
-                  sampling_s=seconds["total"], head_share=seconds["head"] / seconds["total"],
-                  real_accuracy=(predict(classifier, real_a.to(device))[1].argmax(-1).cpu()
-                                 == real_labels[chosen[: n * groups]]).double().mean().item(),
-                  **options)
+                  sampling_s=seconds["total"], head_share=seconds["head"] / seconds["total"], **options)
     print(report(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -343,7 +340,7 @@ def report(r):
         f"classifier: {r['classifier']}, held-out accuracy {100 * r['classifier_accuracy']:.1f}%",
         f"samples: {r['samples']} ({per}), {r['sampler']} sampler, {r['steps']} steps, "
         f"temperature {r['temperature']:g}, "
-        f"cfg {r['cfg_scale']:g}, seed {r['seed']}: {r['sampling_s']:.1f} s, "
+        f"cfg {r['cfg_scale']:g}{' ramped' if r['cfg_ramp'] else ''}, seed {r['seed']}: {r['sampling_s']:.1f} s, "
         f"diffusion head {100 * r['head_share']:.0f}%",
         "",
         f"| {'metric':<{width}} | samples | real (held-out) |",

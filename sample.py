@@ -165,7 +165,7 @@ def main(argv=None):
     what = f"{count} {'image' if kind == 'image' else 'clip'}{'s' if count > 1 else ''} of {config.seq_len} tokens"
     what += f" ({kept} from the prompt)" if kept else ""
     print(f"sampled {what} in {total:.2f} s ({args.mode} mode, {options['sampler']}, {options['steps']} steps, "
-          f"cfg {options['cfg_scale']:g}): "
+          f"cfg {options['cfg_scale']:g}{' ramped' if options['cfg_ramp'] else ''}): "
           f"{total / count:.3f} s/sample, {count * (config.seq_len - kept) / total:.0f} tokens/s; "
           f"backbone {100 * seconds['backbone'] / total:.0f}%, diffusion head {100 * seconds['head'] / total:.0f}%")
 

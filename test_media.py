@@ -120,8 +120,12 @@ def test_read_wav_refuses_what_it_cannot_read(tmp_path):
     write_riff(tmp_path / "mulaw.wav", 7, 1, 8, b"\0" * 100)  # G.711 mu-law: not linear PCM
     (tmp_path / "junk.wav").write_bytes(b"this is not audio at all")
     (tmp_path / "no_data.wav").write_bytes(b"RIFF" + struct.pack("<I", 4) + b"WAVE")
-    for name, message in (("adpcm.wav", "format 0x2 with 4-bit"), ("mulaw.wav", "format 0x7 with 8-bit"),
-                          ("junk.wav", "no RIFF/WAVE header"), ("no_data.wav", "no fmt or data chunk")):
+    for name, message in (
+        ("adpcm.wav", "format 0x2 with 4-bit"),
+        ("mulaw.wav", "format 0x7 with 8-bit"),
+        ("junk.wav", "no RIFF/WAVE header"),
+        ("no_data.wav", "no fmt or data chunk"),
+    ):
         with pytest.raises(ValueError, match=message):
             read_wav(tmp_path / name)
 

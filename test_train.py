@@ -29,6 +29,7 @@ from conftest import (
     run_script,
     tiny_model,
     write_constant,
+    write_mnist,
     write_pcm,
 )
 
@@ -89,8 +90,24 @@ def test_wrong_files_give_a_clear_error(tmp_path):
 
 
 # a short run: few steps, tiny batches, no warm-up, 2 reverse diffusion steps for the sample grid
-FAST = ["--size", "tiny", "--batch-size", "4", "--eval-examples", "4", "--bpd-examples", "4", "--sample-steps", "2",
-        "--num-workers", "0", "--log-every", "0", "--warmup", "0"]
+FAST = [
+    "--size",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--eval-examples",
+    "4",
+    "--bpd-examples",
+    "4",
+    "--sample-steps",
+    "2",
+    "--num-workers",
+    "0",
+    "--log-every",
+    "0",
+    "--warmup",
+    "0",
+]
 
 
 def test_held_out_examples_span_the_classes():
@@ -365,7 +382,7 @@ def test_resume_names_what_differs_and_checks_before_reading_data(image_dir, tmp
     )
     train_image.main([*common, "--steps", "3", "--resume", "--lr", "0.5", "--batch-size", "3"])
     err = capsys.readouterr().err
-    assert "going on with --lr 0.5 (the run used 0.001), --batch-size 3 (the run used 4)" in err
+    assert "going on with --lr 0.5 (the run used 0.002), --batch-size 3 (the run used 4)" in err
 
 
 def test_ctrl_c_while_the_data_loads_is_one_line(image_dir, tmp_path):
@@ -547,7 +564,7 @@ def test_unconditional_samples_are_numbered(tmp_path):
     torch.manual_seed(0)
     model = adr.ADR(adr.ADRConfig(token_dim=160, seq_len=100, num_classes=0, **adr.SIZES["tiny"])).eval()
     real = data.Clips(torch.full((3, 16000), 1000, dtype=torch.int16), [0, 1, 1])
-    args = type("Args", (), dict(unconditional=True, sample_steps=2, cfg_scale=3.0, sampler="ddpm"))
+    args = type("Args", (), dict(unconditional=True, sample_steps=2, cfg_scale=3.0, sampler="ddpm", cfg_ramp=False))
     train_audio.sample_writer(args, media.audio_layout(), ["a", "b"], real)(model, str(tmp_path), 7)
     assert sorted(os.listdir(tmp_path / "samples" / "step_000007")) == ["sample_0.wav", "sample_1.wav"]
     assert (tmp_path / "spectrograms_000007.png").exists()
@@ -566,3 +583,45 @@ def test_a_time_budget_ends_the_run_and_schedules_the_learning_rate(image_dir, t
     assert "0.03 minutes at most" in printed and "done:" in printed
     _, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] >= 1 and ckpt["elapsed"] >= 1.8 and ckpt["source"]["name"] == "image-folder"
+
+
+def test_model_fields_can_be_changed_from_the_command_line(image_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--image-folder", str(image_dir), *FAST, "--steps", "1", "--sample-steps", "1"]
+    train_image.main([*common, "--out", str(out), "--model", "d_model=32", "diffusion_batch_mul=1", "clip_x0=false"])
+    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    assert (model.config.d_model, model.config.diffusion_batch_mul, model.config.clip_x0) == (32, 1, False)
+    assert ckpt["args"]["model"] == ["d_model=32", "diffusion_batch_mul=1", "clip_x0=False"]
+    capsys.readouterr()
+    one_line_exit(
+        capsys,
+        train_image.main,
+        [*common, "--out", str(tmp_path / "a"), "--model", "seq_len=3"],
+        "give FIELD=VALUE, FIELD one of d_model",
+    )
+    one_line_exit(
+        capsys,
+        train_image.main,
+        [*common, "--out", str(tmp_path / "b"), "--model", "d_model=30"],
+        "must split into n_head 2 heads of an even width",
+    )
+    one_line_exit(
+        capsys,
+        train_image.main,
+        [*common, "--out", str(out), "--resume", "--steps", "2"],
+        "its model is --size tiny d_model=32 diffusion_batch_mul=1 clip_x0=False, and this run asks for",
+    )
+
+
+def test_patch_size_sets_the_tokens(tmp_path, capsys):
+    write_mnist(tmp_path / "data", per_class_train=2, per_class_test=1)
+    common = ["--dataset", "mnist", "--data", str(tmp_path / "data"), *FAST, "--steps", "1", "--sample-steps", "1"]
+    train_image.main([*common, "--out", str(tmp_path / "run"), "--patch", "7"])
+    model, ckpt = trainer.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["layout"]["patch"] == 7 and (model.config.seq_len, model.config.token_dim) == (16, 49)
+    one_line_exit(
+        capsys,
+        train_image.main,
+        [*common, "--out", str(tmp_path / "bad"), "--patch", "5"],
+        "--patch 5 does not divide the 28x28 images",
+    )

@@ -55,7 +55,8 @@ def sample_writer(args, layout, words, real_set):
         device = next(model.parameters()).device
         labels = torch.arange(len(words), device=device) if conditional else None
         cfg_scale = args.cfg_scale if conditional else 1.0
-        tokens = model.sample(len(names), labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler)
+        tokens = model.sample(len(names), labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler,
+                              cfg_ramp=args.cfg_ramp)
         waves = from_tokens(tokens.float(), layout).cpu()
         folder = os.path.join(out_dir, "samples", f"step_{step:06d}")
         os.makedirs(folder, exist_ok=True)

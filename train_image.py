@@ -17,7 +17,7 @@ import torch
 
 from data import IMAGE_DATASETS, default_image_layout, load_dataset
 from media import from_tokens, save_image_grid
-from trainer import Task, check_run, common_parser, log, rank_zero_first, run, setup, train
+from trainer import Task, check_run, common_parser, fail, log, number, rank_zero_first, run, setup, train
 
 
 def sample_grid_writer(args, layout, class_names, per_row=10):
@@ -28,7 +28,8 @@ def sample_grid_writer(args, layout, class_names, per_row=10):
         labels = torch.arange(len(class_names), device=device).repeat_interleave(per_row) if class_names else None
         n = len(labels) if class_names else per_row * per_row
         cfg_scale = args.cfg_scale if class_names else 1.0
-        tokens = model.sample(n, labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler)
+        tokens = model.sample(n, labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler,
+                              cfg_ramp=args.cfg_ramp)
         path = os.path.join(out_dir, f"samples_{step:06d}.png")
         save_image_grid(from_tokens(tokens.float(), layout), path, nrow=per_row)
         log(f"samples: {path}" + (f" (rows: {', '.join(class_names)})" if class_names else ""))
@@ -40,6 +41,8 @@ def main(argv=None):
     parser = common_parser("Train ADR on CIFAR-10, MNIST or Fashion-MNIST (downloaded to --data), or on a folder "
                            "of images.", default_out=os.path.join("out", "image"))
     parser.add_argument("--dataset", choices=IMAGE_DATASETS, default="cifar10", help="the dataset to download")
+    parser.add_argument("--patch", type=number(int, 1), default=4, help="tokens are patch x patch pixels (it must "
+                        "divide the image size: 28 for MNIST and Fashion-MNIST, 32 for the others)")
     parser.add_argument("--image-folder", metavar="DIR", help="train on DIR/<class>/*.png|jpg (or "
                         "DIR/train/<class>/... with an optional DIR/test/), read as 32x32 RGB, instead of --dataset")
     args = parser.parse_args(argv)
@@ -49,7 +52,9 @@ def main(argv=None):
     else:
         source = dict(name=args.dataset, root=os.path.abspath(args.data))
     check_run(args, source, "image")
-    layout = default_image_layout(source["name"])
+    layout = default_image_layout(source["name"], args.patch)
+    if layout["height"] % args.patch:
+        fail(f"--patch {args.patch} does not divide the {layout['height']}x{layout['width']} images; use a divisor")
     train_set, test_set, class_names = rank_zero_first(args, lambda: load_dataset(source, layout))
     test = f", {len(test_set)} test" if test_set is not None else ""
     log(f"data: {source['name']} in {source['root']}: {len(train_set)} train{test} images, {len(class_names)} classes")

@@ -8,6 +8,7 @@ A training script builds a Task (its data and how to draw its samples) and calls
 
 import argparse
 import copy
+import dataclasses
 import csv
 import math
 import os
@@ -88,6 +89,27 @@ def number(kind, low, low_ok=True, high=None):
     return parse
 
 
+def model_setting(text):
+    """An argparse type: FIELD=VALUE for a field of ADRConfig that the data does not set; VALUE of its type."""
+    fields = {f.name: f.type for f in dataclasses.fields(ADRConfig) if f.name not in DATA_FIELDS}
+    name, _, value = text.partition("=")
+    if name not in fields or not value:
+        raise argparse.ArgumentTypeError(f"{text!r}: give FIELD=VALUE, FIELD one of {', '.join(fields)}")
+    if fields[name] is bool:
+        if value.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{text}: {name} is true or false")
+        return name, value.lower() == "true"
+    return name, number(int, 1)(value) if fields[name] is int else number(float, 0, high=1)(value)
+
+
+DATA_FIELDS = ("token_dim", "seq_len", "num_classes", "order")  # set by the data and by --order
+
+
+def model_fields(args):
+    """The ADRConfig fields of --size, with --model's changes."""
+    return {**SIZES[args.size], **dict(args.model)}
+
+
 def ema_decay(text):
     value = number(float, 0)(text)
     if value >= 1:
@@ -132,8 +154,8 @@ def format_time(seconds):
 SIZE_DEFAULTS = {
     "base": dict(steps=8000, batch_size=256, lr=4e-4, warmup=500, eval_every=500, sample_every=1000, ckpt_every=1000,
                  eval_bpd_every=2000, eval_examples=1000, bpd_examples=1000),
-    "tiny": dict(steps=1000, batch_size=64, lr=1e-3, warmup=100, eval_every=100, sample_every=250, ckpt_every=250,
-                 eval_bpd_every=500, eval_examples=256, bpd_examples=256),
+    "tiny": dict(steps=1000, batch_size=64, lr=2e-3, warmup=100, eval_every=100, sample_every=1000, ckpt_every=500,
+                 eval_bpd_every=1000, eval_examples=256, bpd_examples=256),
 }
 
 
@@ -156,7 +178,7 @@ class Parser(OneLineErrors):
 
 
 # The sampling settings, in one place for sample.py, evaluate.py and the training scripts' sample files.
-SAMPLING = dict(sampler="ddpm", steps=100, temperature=1.0, cfg_scale=3.0)
+SAMPLING = dict(sampler="ddpm", steps=100, temperature=1.0, cfg_scale=3.0, cfg_ramp=False)
 
 
 def add_sampling_flags(p):
@@ -171,6 +193,8 @@ def add_sampling_flags(p):
                    help=f"scale of the noise added at each reverse step (default: {SAMPLING['temperature']:g})")
     p.add_argument("--cfg", type=number(float, 0), default=None, help=f"classifier-free guidance scale, 1 = none "
                    f"(default: {SAMPLING['cfg_scale']:g} for a class-conditional model, 1 otherwise)")
+    p.add_argument("--cfg-ramp", action=argparse.BooleanOptionalAction, default=SAMPLING["cfg_ramp"],
+                   help="let guidance grow from 1 at the first token to --cfg at the last, as MAR does")
     p.add_argument("--tokens-per-step", type=number(int, 1), default=1, help="tokens generated per backbone step, "
                    "asked for from the same state (needs a model trained with --order random; default: 1)")
     p.add_argument("--order", choices=["raster", "random"], default=None,
@@ -197,7 +221,7 @@ def sampling_options(args, config):
              f"train with --order random for this")
     cfg_scale = args.cfg if args.cfg is not None else (SAMPLING["cfg_scale"] if config.num_classes else 1.0)
     return dict(sampler=args.sampler, eta=args.eta, steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale,
-                tokens_per_step=args.tokens_per_step, order=args.order)
+                cfg_ramp=args.cfg_ramp, tokens_per_step=args.tokens_per_step, order=args.order)
 
 
 def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
@@ -209,6 +233,8 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
                        help=f"{help} (default: {base} for base, {tiny} for tiny)")
 
     p.add_argument("--size", choices=sorted(SIZES), default="base", help="model size: base for a GPU, tiny for a CPU")
+    p.add_argument("--model", nargs="+", type=model_setting, default=[], metavar="FIELD=VALUE",
+                   help="change fields of the model's ADRConfig on top of --size, e.g. --model d_model=128 n_layer=4")
     per_size("steps", int, 1, "optimizer steps in all")
     p.add_argument("--minutes", type=number(float, 0, low_ok=False), default=None,
                    help="a time budget: stop after this many minutes of training (with --steps, at the first of the "
@@ -242,8 +268,10 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
                    help="reverse diffusion steps per token for the sample files")
     p.add_argument("--cfg-scale", type=number(float, 0), default=SAMPLING["cfg_scale"],
                    help="classifier-free guidance scale for the sample files (1: none)")
-    p.add_argument("--num-workers", type=number(int, 0), default=min(4, os.cpu_count() or 1),
-                   help="data loader processes")
+    p.add_argument("--cfg-ramp", action=argparse.BooleanOptionalAction, default=SAMPLING["cfg_ramp"],
+                   help="let the sample files' guidance grow from 1 to --cfg-scale over the tokens")
+    p.add_argument("--num-workers", type=number(int, 0), default=None, help="data loader processes (default: none "
+                   "on a CPU, where the data in memory is read faster than extra processes cost; else up to 4)")
     return p
 
 
@@ -552,6 +580,9 @@ def check_run(args, source, kind):
     a checkpoint to resume is there and belongs to this run (same model size, modality, conditioning and
     data); hyper-parameters that differ from the run's are named in a warning."""
     path = os.path.join(args.out, "ckpt.pt")
+    fields = ADRConfig(**model_fields(args))
+    if fields.d_model % fields.n_head or (fields.d_model // fields.n_head) % 2:
+        fail(f"--model: d_model {fields.d_model} must split into n_head {fields.n_head} heads of an even width")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file: pass a folder")
     if args.resume and not os.path.isfile(path):
@@ -567,12 +598,13 @@ def check_run(args, source, kind):
         fail(f"--resume: {e}")
     if "optimizer" not in ckpt:
         fail(f"--resume: {path} holds no optimizer state (it is not a training run's checkpoint)")
-    config, size = ckpt["config"], asdict(ADRConfig(**SIZES[args.size]))
+    config, size = ckpt["config"], asdict(ADRConfig(**model_fields(args)))
     was = ckpt.get("args", {})
     if ckpt["layout"]["kind"] != kind:
         why = f"it holds an {ckpt['layout']['kind']} model, and this run trains an {kind} model"
-    elif any(config[k] != size[k] for k in SIZES["tiny"]):
-        why = f"its model size is --size {was.get('size', '?')}, and this run asks for --size {args.size}"
+    elif any(config[k] != size[k] for k in size if k not in DATA_FIELDS):
+        why = (f"its model is --size {was.get('size', '?')} {' '.join(was.get('model', []))}, and this run asks for "
+               f"--size {args.size} {' '.join(f'{k}={v}' for k, v in args.model)}")
     elif config.get("order", "raster") != args.order:
         why = f"it was trained in {config.get('order', 'raster')} order, and this run asks for --order {args.order}"
     elif (config["num_classes"] == 0) != bool(args.unconditional):
@@ -638,7 +670,7 @@ def train(args, task: Task) -> None:
         torch.backends.cudnn.allow_tf32 = True
     seq_len, token_dim = layout_shape(task.layout)
     config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=len(task.class_names), order=args.order,
-                       **SIZES[args.size])
+                       **model_fields(args))
     model = ADR(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     matrices = [p for p in model.parameters() if p.dim() >= 2]
@@ -663,9 +695,9 @@ def train(args, task: Task) -> None:
         train_model = torch.compile(train_model)
     sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
-    loader = DataLoader(task.train_set, args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=cuda, drop_last=True, worker_init_fn=ignore_sigint,
-                        persistent_workers=args.num_workers > 0)
+    workers = args.num_workers if args.num_workers is not None else (min(4, os.cpu_count() or 1) if cuda else 0)
+    loader = DataLoader(task.train_set, args.batch_size, sampler=sampler, num_workers=workers, pin_memory=cuda,
+                        drop_last=True, worker_init_fn=ignore_sigint, persistent_workers=workers > 0)
     if len(loader) == 0:
         fail(f"the training set has {len(task.train_set)} examples, fewer than one batch of {args.batch_size} "
              f"per process: lower --batch-size")
@@ -699,6 +731,7 @@ def train(args, task: Task) -> None:
             fail_run(f"the weights are not finite at step {step}; stopped without saving over {ckpt_path}. "
                      f"Lower --lr, or check the data")
         plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        plain_args["model"] = [f"{k}={v}" for k, v in args.model]
         save_checkpoint(ckpt_path, model, task.layout, task.class_names, ema=ema, step=step, source=task.source,
                         optimizer=optimizer.state_dict(), history=history, elapsed=elapsed(), args=plain_args)
 
