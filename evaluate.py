@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from data import fingerprint, load_dataset
 from media import dequantise, from_tokens, quantise, save_image_grid, save_samples_npz
-from trainer import CheckpointError, OneLineErrors, add_sampling_flags, check_writable, check_writable_file
+from trainer import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, check_writable, check_writable_file
 from trainer import compile_head, default_device, fail, format_time, held_out_bpd, load_checkpoint, log, number
 from trainer import pick_device, run, sampling_options, timed_sample, warn
 
@@ -239,8 +239,8 @@ def parse_args(argv=None):
     p.add_argument("--classifier-steps", type=number(int, 1), default=None,
                    help="training steps of a new classifier (default: ten passes over the data, 600 to 1200)")
     p.add_argument("--retrain-classifier", action="store_true", help="train the classifier again, even if cached")
-    p.add_argument("--device", default=default_device(), help="cuda, cuda:N, mps or cpu (default: cuda when there is "
-                   "a GPU)")
+    p.add_argument("--device", default=default_device(),
+                   help=f"{DEVICE_HELP} (default: cuda when there is a GPU, else cpu)")
     add_sampling_flags(p)
     return p.parse_args(argv)
 

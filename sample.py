@@ -25,8 +25,9 @@ import torch
 
 from media import from_tokens, layout_shape, load_image, prepare_clip, read_wav, save_image_grid, save_spectrograms
 from media import MASKS, region_to_generate, save_samples_npz, to_tokens, write_wav
-from trainer import CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail, load_checkpoint, number
-from trainer import check_writable, compile_head, pick_device, run, sampling_options, timed_sample
+from trainer import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail
+from trainer import check_writable, compile_head, load_checkpoint, number, pick_device, run, sampling_options
+from trainer import timed_sample
 
 
 def parse_args(argv=None):
@@ -47,7 +48,8 @@ def parse_args(argv=None):
                    "but for bottom)")
     p.add_argument("--mode", choices=["recurrent", "parallel"], default="recurrent",
                    help="carry the recurrent state (default), or recompute the whole prefix at every token")
-    p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: cuda when there is a GPU)")
+    p.add_argument("--device", default=default_device(),
+                   help=f"{DEVICE_HELP} (default: cuda when there is a GPU, else cpu)")
     return p.parse_args(argv)
 
 

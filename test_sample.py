@@ -15,7 +15,7 @@ import sample
 import trainer
 from adr import ADR, SIZES, ADRConfig
 from media import audio_layout, image_layout, layout_shape
-from trainer import load_checkpoint, save_checkpoint
+from trainer import SAMPLING, load_checkpoint, save_checkpoint
 
 IMAGE = image_layout(channels=3, height=8, width=8, patch=2)  # 16 tokens of 12 values
 
@@ -97,7 +97,7 @@ def test_image_grid_has_a_row_per_class_and_timing(ckpts, tmp_path, capsys):
     out = capsys.readouterr().out
     assert (
         "sampled 12 images of 16 tokens" in out
-        and "(recurrent mode, ddpm, 3 steps, cfg 3)" in out
+        and f"(recurrent mode, ddpm, 3 steps, cfg {SAMPLING['cfg_scale']:g}{' ramped' * SAMPLING['cfg_ramp']})" in out
         and "s/sample" in out
         and "tokens/s" in out
     )
