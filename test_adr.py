@@ -162,18 +162,23 @@ def test_clipped_step_is_the_posterior_mean_at_the_clamped_x0():
     torch.testing.assert_close(d.p_step(xt, i, eps, 0 * xt, clip=True), d.p_step(xt, i, eps, 0 * xt))
 
 
-def test_tiny_model_overfits_a_fixed_batch():
-    model = tiny_model(token_dim=12, seq_len=16)
+def losses_on_a_fixed_batch(model, steps=150):
+    """The training losses of `steps` AdamW steps on one fixed batch of 8 random sequences (16 tokens of 12)."""
     torch.manual_seed(0)
     tokens, labels = torch.rand(8, 16, 12) * 2 - 1, torch.randint(0, 3, (8,))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(150):
+    for _ in range(steps):
         loss = model(tokens, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    losses = losses_on_a_fixed_batch(tiny_model(token_dim=12, seq_len=16))
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last <= 0.5 * first, f"loss fell from {first:.3f} to {last:.3f} only"
 
@@ -483,14 +488,5 @@ def test_random_order_bits_per_dim_in_any_order():
 
 def test_a_random_order_model_learns():
     model = tiny_model(token_dim=12, seq_len=16, order="random", diffusion_batch_mul=4)  # 4 draws: a steadier loss
-    torch.manual_seed(0)
-    tokens, labels = torch.rand(8, 16, 12) * 2 - 1, torch.randint(0, 3, (8,))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(150):
-        loss = model(tokens, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = losses_on_a_fixed_batch(model)
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])

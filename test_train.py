@@ -205,41 +205,16 @@ def test_same_seed_same_run(image_dir, tmp_path):
 
 def test_random_order_training(image_dir, tmp_path):
     out = tmp_path / "run"
-    train_image.main(
-        [
-            "--image-folder",
-            str(image_dir),
-            "--out",
-            str(out),
-            *FAST,
-            "--steps",
-            "2",
-            "--order",
-            "random",
-            "--sample-steps",
-            "1",
-        ]
-    )
+    train_image.main(["--image-folder", str(image_dir), "--out", str(out), *FAST, "--steps", "2", "--order", "random",
+                      "--sample-steps", "1"])
     model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
     assert model.config.order == "random" and hasattr(model, "source_emb") and (out / "samples_000002.png").exists()
 
 
 def test_unconditional(image_dir, tmp_path):
     out = tmp_path / "run"
-    train_image.main(
-        [
-            "--image-folder",
-            str(image_dir),
-            "--out",
-            str(out),
-            *FAST,
-            "--steps",
-            "1",
-            "--unconditional",
-            "--sample-steps",
-            "1",
-        ]
-    )
+    train_image.main(["--image-folder", str(image_dir), "--out", str(out), *FAST, "--steps", "1", "--unconditional",
+                      "--sample-steps", "1"])
     model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
     assert model.config.num_classes == 0 and ckpt["class_names"] == []
     with Image.open(out / "samples_000001.png") as grid:  # 10 x 10 samples
@@ -385,29 +360,18 @@ def test_resume_names_what_differs_and_checks_before_reading_data(image_dir, tmp
     assert "going on with --lr 0.5 (the run used 0.002), --batch-size 3 (the run used 4)" in err
 
 
+def start_training(image_dir, out, *flags):
+    """train_image.py on image_dir as a child process on one thread, its output read as text."""
+    command = [sys.executable, "train_image.py", "--image-folder", str(image_dir), "--out", str(out), *FAST, *flags]
+    return subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_ctrl_c_while_the_data_loads_is_one_line(image_dir, tmp_path):
     """The loader blocks on a named pipe that looks like an image (as on a slow disk), Ctrl-C arrives."""
     fifo = image_dir / "train" / "cat" / "slow.png"
     os.mkfifo(fifo)
-    command = [
-        sys.executable,
-        "train_image.py",
-        "--image-folder",
-        str(image_dir),
-        "--out",
-        str(tmp_path / "run"),
-        *FAST,
-        "--steps",
-        "2",
-    ]
-    proc = subprocess.Popen(
-        command,
-        cwd=HERE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = start_training(image_dir, tmp_path / "run", "--steps", "2")
     try:
         for line in proc.stdout:
             if line.startswith("reading images"):
@@ -425,29 +389,7 @@ def test_ctrl_c_while_the_data_loads_is_one_line(image_dir, tmp_path):
 
 def test_sigint_leaves_a_loadable_checkpoint(image_dir, tmp_path):
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "train_image.py",
-        "--image-folder",
-        str(image_dir),
-        "--out",
-        str(out),
-        *FAST,
-        "--steps",
-        "100000",
-        "--eval-every",
-        "0",
-        "--sample-every",
-        "0",
-    ]
-    proc = subprocess.Popen(
-        command,
-        cwd=HERE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = start_training(image_dir, out, "--steps", "100000", "--eval-every", "0", "--sample-every", "0")
     try:
         for line in proc.stdout:
             if line.startswith("step 2/"):
