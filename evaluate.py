@@ -2,7 +2,8 @@
 Score a checkpoint by its samples, offline: a small classifier trained on the checkpoint's own data says
 how often a sample is recognised as the class it was asked for, and how far the samples lie from real
 held-out examples in the classifier's features (a Fréchet distance, next to the same distance between two
-halves of real data: the floor a perfect model would reach with this many examples).
+halves of real data: the floor a perfect model would reach with this many examples). Both distances are given
+for one random choice of the real examples and averaged over 20 such choices; the average is the steadier number.
 
     python evaluate.py --ckpt out/image/ckpt.pt                      # up to 50 samples per class
     python evaluate.py --ckpt out/image/ckpt.pt --n 20 --json s.json # the same numbers, also as JSON
@@ -38,6 +39,7 @@ from trainer import pick_device, run, sampling_options, timed_sample, warn
 
 
 CLASSIFIER_VERSION = "cnn-32-64-128 v1"  # cached classifiers of another version are trained again
+REFERENCE_SPLITS = 20  # random splits of the held-out data the Fréchet distances are averaged over
 
 
 def conv_block(c_in, c_out):
@@ -207,16 +209,25 @@ def classifier_score(probs):
     return kl.mean().exp().item()
 
 
-def scores(classifier, samples, labels, real_a, real_b, device, real_labels=None):
-    """Accuracy of the samples (None without labels) and of real_a (with real_labels), the Fréchet distance to
-    real_a and its floor (real_b to real_a), and the classifier scores of the samples and of real_a."""
+def scores(classifier, samples, labels, real, splits, device, real_labels=None):
+    """Samples against real examples, for a list of splits (a, b) of the real ones (index tensors of two disjoint
+    halves): the Fréchet distance of the samples to real[a] and its floor, real[b] to real[a], for the first split
+    and averaged over all; the accuracy of the samples (None without labels) and of real[a] (with real_labels) and
+    the classifier scores of the samples and of real[a], for the first split."""
     features, probs = predict(classifier, samples.to(device))
-    features_a, probs_a = predict(classifier, real_a.to(device))
-    features_b, _ = predict(classifier, real_b.to(device))
-    accuracy = lambda p, y: None if y is None else (p.argmax(-1).cpu() == y.cpu()).double().mean().item()  # noqa: E731
-    return dict(accuracy=accuracy(probs, labels), real_accuracy=accuracy(probs_a, real_labels),
-                fd=frechet_distance(features, features_a), fd_floor=frechet_distance(features_b, features_a),
-                score=classifier_score(probs), score_real=classifier_score(probs_a))
+    real_features, real_probs = predict(classifier, real.to(device))
+    fd = torch.tensor([frechet_distance(features, real_features[a]) for a, _ in splits])
+    floor = torch.tensor([frechet_distance(real_features[b], real_features[a]) for a, b in splits])
+    a = splits[0][0]
+
+    def accuracy(p, y):
+        return None if y is None else (p.argmax(-1).cpu() == y.cpu()).double().mean().item()
+
+    return dict(accuracy=accuracy(probs, labels), score=classifier_score(probs),
+                real_accuracy=accuracy(real_probs[a], None if real_labels is None else real_labels[a]),
+                score_real=classifier_score(real_probs[a]), fd=fd[0].item(), fd_floor=floor[0].item(),
+                splits=len(splits), fd_mean=fd.mean().item(), fd_floor_mean=floor.mean().item(),
+                fd_floor_sd=floor.std().item() if len(splits) > 1 else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,8 +295,14 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     real, real_labels = all_examples(test_set)
-    chosen = torch.randperm(len(real))[: 2 * n * groups]
-    real_a, real_b = real[chosen[: n * groups]], real[chosen[n * groups :]]
+    # Which real examples the samples meet, and which make the floor, moves the distance about as much as a better
+    # model would, so the distances are also averaged over REFERENCE_SPLITS random splits of the held-out data. The
+    # first split is drawn from the seeded global generator before sampling draws from it, as in earlier versions,
+    # so a seed gives the same samples, and the same first-split numbers, as it did there.
+    generator = torch.Generator().manual_seed(args.seed)
+    orders = [torch.randperm(len(real))] + [torch.randperm(len(real), generator=generator)
+                                            for _ in range(REFERENCE_SPLITS - 1)]
+    splits = [(order[: n * groups], order[n * groups : 2 * n * groups]) for order in orders]
     labels = torch.arange(groups).repeat_interleave(n) if conditional else None
     batches, seconds = [], dict(total=0.0, head=0.0)
     log(f"sampling {n * groups} {'images' if layout['kind'] == 'image' else 'clips'} ...")
@@ -297,7 +314,7 @@ def main(argv=None):
         seconds = {k: seconds[k] + spent[k] for k in seconds}
     generated = torch.cat(batches)
     samples = dequantise(quantise(generated, layout), layout)  # what the PNG or WAV files hold
-    result = scores(classifier, samples, labels, real_a, real_b, device, real_labels[chosen[: n * groups]])
+    result = scores(classifier, samples, labels, real, splits, device, real_labels)
     if args.bpd_examples:
         bpd = lambda order: held_out_bpd(model, test_set, layout, config.num_classes,  # noqa: E731
                                          args.bpd_examples, args.batch_size, device, order)
@@ -322,6 +339,7 @@ def report(r):
     """One table of the numbers, with what they are measured on."""
     accuracy = lambda a: "n/a" if a is None else f"{100 * a:.1f}%"  # noqa: E731
     ratio = r["fd"] / r["fd_floor"] if r["fd_floor"] > 0 else float("inf")
+    mean_ratio = r["fd_mean"] / r["fd_floor_mean"] if r["fd_floor_mean"] > 0 else float("inf")
     per = f"{r['per_class']} per class" if r["per_class"] else "unconditional"
     bpd = f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f}" if "bpd" in r else "not measured"
     if "bpd_random_orders" in r:
@@ -332,6 +350,9 @@ def report(r):
         (f"Fréchet distance to {r['samples']} held-out real examples", f"{r['fd']:.2f}",
          f"{r['fd_floor']:.2f} (floor)"),
         ("Fréchet distance / floor", f"{ratio:.2f}x", "1x"),
+        (f"mean Fréchet distance over {r['splits']} random choices of them", f"{r['fd_mean']:.2f}",
+         f"{r['fd_floor_mean']:.2f} ± {r['fd_floor_sd']:.2f}"),
+        ("mean Fréchet distance / mean floor", f"{mean_ratio:.2f}x", "1x"),
         ("classifier score (IS-like, at most the classes)", f"{r['score']:.2f}", f"{r['score_real']:.2f}"),
     ]
     width = max(len(row[0]) for row in rows)

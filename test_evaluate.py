@@ -87,15 +87,34 @@ def test_the_yardstick_can_fail(digits):
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     samples, real_a, real_b = (order[i * 100 : (i + 1) * 100] for i in range(3))
     cpu = torch.device("cpu")
-    real = evaluate.scores(classifier, x[samples], y[samples], x[real_a], x[real_b], cpu)
+    split = [(torch.arange(100), torch.arange(100, 200))]  # of x[real_a, real_b]
+    reference = torch.cat([x[real_a], x[real_b]])
+    real = evaluate.scores(classifier, x[samples], y[samples], reference, split, cpu)
     assert real["accuracy"] > 0.9 and real["fd"] < 2 * real["fd_floor"]
     noise = torch.rand(100, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    scored = evaluate.scores(classifier, noise, y[samples], x[real_a], x[real_b], cpu)
+    scored = evaluate.scores(classifier, noise, y[samples], reference, split, cpu)
     assert scored["accuracy"] < 0.3 and scored["fd"] > 5 * real["fd_floor"]
     shuffled = y[samples][torch.randperm(100, generator=torch.Generator().manual_seed(2))]
-    scored = evaluate.scores(classifier, x[samples], shuffled, x[real_a], x[real_b], cpu)
+    scored = evaluate.scores(classifier, x[samples], shuffled, reference, split, cpu)
     assert scored["accuracy"] < 0.3 and scored["fd"] == pytest.approx(real["fd"])
     assert real["score"] > 2 and scored["score"] == pytest.approx(real["score"])
+
+
+def test_the_distances_are_averaged_over_the_splits(digits):
+    """The first split gives the single-split numbers; the means are those of each split scored alone."""
+    classifier, cpu = digits[3], torch.device("cpu")
+    x, _ = evaluate.all_examples(digits[2])
+    generator = torch.Generator().manual_seed(3)
+    orders = [torch.randperm(len(x), generator=generator) for _ in range(3)]
+    splits = [(order[:100], order[100:200]) for order in orders]
+    samples = torch.rand(50, 1, 28, 28, generator=generator) * 2 - 1
+    each = [evaluate.scores(classifier, samples, None, x, [split], cpu) for split in splits]
+    together = evaluate.scores(classifier, samples, None, x, splits, cpu)
+    assert together["fd"] == each[0]["fd"] and together["fd_floor"] == each[0]["fd_floor"] and together["splits"] == 3
+    floors = torch.tensor([e["fd_floor"] for e in each])
+    assert together["fd_mean"] == pytest.approx(sum(e["fd"] for e in each) / 3, rel=1e-12)
+    assert together["fd_floor_mean"] == pytest.approx(floors.mean().item(), rel=1e-12)
+    assert together["fd_floor_sd"] == pytest.approx(floors.std().item(), rel=1e-12) and floors.std() > 0
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +159,14 @@ def test_a_checkpoint_is_scored_and_the_classifier_cached(mnist_run, tmp_path, c
     )
     printed = capsys.readouterr().out
     assert "training a mnist classifier" in printed and "Fréchet distance / floor" in printed
+    assert f"mean Fréchet distance over {evaluate.REFERENCE_SPLITS} random choices" in printed
     numbers = json.loads((tmp_path / "a.json").read_text())
     assert numbers["samples"] == 30 and numbers["per_class"] == 3 and numbers["dataset"] == "mnist"
     assert numbers["data"] == str(root) and numbers["step"] == 2
-    for key in ("accuracy", "fd", "fd_floor", "score", "bpd", "classifier_accuracy", "sampling_s"):
+    measured = ("accuracy", "fd", "fd_floor", "fd_mean", "fd_floor_mean", "score", "bpd", "classifier_accuracy")
+    for key in (*measured, "sampling_s"):
         assert math.isfinite(numbers[key]) and numbers[key] >= 0, key
+    assert numbers["splits"] == evaluate.REFERENCE_SPLITS and numbers["fd_floor_sd"] > 0
     assert 0 <= numbers["accuracy"] <= 1 and numbers["steps"] == 2
     assert numbers["cfg_scale"] == SAMPLING["cfg_scale"] and numbers["cfg_ramp"] == SAMPLING["cfg_ramp"]  # the defaults
     saved = dict(np.load(tmp_path / "samples" / "samples.npz"))
@@ -155,7 +177,7 @@ def test_a_checkpoint_is_scored_and_the_classifier_cached(mnist_run, tmp_path, c
     evaluate_main(out / "cond" / "ckpt.pt", root / "classifier.pt", "--n", "3", "--json", str(tmp_path / "b.json"))
     assert "training a" not in capsys.readouterr().out  # the cached classifier is used
     again = json.loads((tmp_path / "b.json").read_text())
-    for key in ("accuracy", "fd", "fd_floor", "score"):  # same seed, same numbers
+    for key in ("accuracy", "fd", "fd_floor", "fd_mean", "fd_floor_mean", "score"):  # same seed, same numbers
         assert again[key] == numbers[key], key
 
 
