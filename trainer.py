@@ -181,8 +181,8 @@ class Parser(OneLineErrors):
 
 
 # The sampling settings, in one place for sample.py, evaluate.py and the training scripts' sample files: chosen with
-# evaluate.py on MNIST (README, "Sampling settings"): guidance 2.75 ramped from 1 as in MAR, 100 DDPM steps.
-SAMPLING = dict(sampler="ddpm", steps=100, temperature=1.0, cfg_scale=2.75, cfg_ramp=True)
+# evaluate.py on MNIST (README, "Sampling settings"): guidance 3.5 ramped from 1 as in MAR, 100 DDPM steps.
+SAMPLING = dict(sampler="ddpm", steps=100, temperature=1.0, cfg_scale=3.5, cfg_ramp=True)
 
 
 def add_sampling_flags(p):
