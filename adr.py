@@ -64,8 +64,8 @@ def retention_recurrent(q, k, v, log_gamma, state):
 
 
 def retention_chunkwise(q, k, v, log_gamma, state, chunk_size):
-    """Chunkwise form (RetNet eq. 7): parallel in each chunk of B tokens, recurrent across chunks. After a chunk the
-    state is R = gamma^B R' + K^T (V ⊙ zeta), zeta_j = gamma^(B-1-j); R' enters as (Q R') ⊙ xi, xi_j = gamma^(j+1)."""
+    """Chunkwise form (RetNet eq. 7): parallel within chunks of B tokens, recurrent across them. After a chunk the
+    state is R = gamma^B R' + K^T (V ⊙ zeta), zeta_j = gamma^(B-1-j); outputs add (Q R') ⊙ xi, xi_j = gamma^(j+1)"""
     outputs = []
     for start in range(0, q.shape[2], chunk_size):
         qc, kc, vc = (t[:, :, start : start + chunk_size] for t in (q, k, v))
