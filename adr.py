@@ -220,13 +220,16 @@ class Diffusion:
         x0 = self.predict_x0(x_t, i, eps, clip)
         eps = (x_t - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar) if clip else eps
         sigma = eta * math.sqrt(self.posterior_var[i].item())
-        return math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma**2)) * eps + sigma * noise
+        x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma**2)) * eps
+        return x + sigma * noise if sigma else x
 
-    def dpm_solver_step(self, x_t, i, eps, previous, clip=False):
+    def dpm_solver_step(self, x_t, i, eps, previous, eta=0.0, noise=None, clip=False):
         """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = log(alpha/sigma), alpha^2 = alpha_bar = 1 - sigma^2:
         x_{t-1} = (sigma_{t-1}/sigma_t) x_t - alpha_{t-1} (e^{-h} - 1) D with h the step in lambda and D = x_0, or
         (1 + 1/(2r)) x_0 - x_0' / (2r) with x_0', h' of the step before, r = h'/h, but on the long last update.
-        At t = 0 the chain ends on x_0. Returns (x_{t-1}, (x_0, h))."""
+        eta > 0 mixes in the SDE solver's fresh noise (SDE-DPM-Solver++(2M) at eta = 1; with D = x_0 the DDPM step):
+        x_{t-1} = (sigma_{t-1}/sigma_t) e^{-eta h} x_t - alpha_{t-1} (e^{-(1+eta) h} - 1) D
+        + sigma_{t-1} sqrt(1 - e^{-2 eta h}) z. At t = 0 the chain ends on x_0. Returns (x_{t-1}, (x_0, h))."""
         x0 = self.predict_x0(x_t, i, eps, clip)
         if i == 0:
             return x0, None
@@ -235,7 +238,8 @@ class Diffusion:
         h = math.log(alpha_prev / sigma_prev) - math.log(alpha / sigma)
         r = previous[1] / h if previous is not None and i > 1 else None
         d = x0 if r is None else (1 + 1 / (2 * r)) * x0 - previous[0] / (2 * r)
-        return sigma_prev / sigma * x_t - alpha_prev * math.expm1(-h) * d, (x0, h)
+        x = sigma_prev / sigma * math.exp(-eta * h) * x_t - alpha_prev * math.expm1(-(1 + eta) * h) * d
+        return (x + sigma_prev * math.sqrt(-math.expm1(-2 * eta * h)) * noise if eta else x), (x0, h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,23 +326,25 @@ class DiffusionHead(nn.Module):
 
     def sample(self, z, steps=100, temperature=1.0, cfg_scale=1.0, sampler="ddpm", eta=0.0):
         """One token per row of z by a reverse chain of `steps` denoiser calls: "ddpm" (ancestral), "ddim" or "dpm++"
-        (DPM-Solver++(2M)). With guidance, z holds the conditional rows, then the unconditional ones. Temperature
-        scales the noise drawn along the chain (the deterministic samplers draw none after x_T: there, x_T)."""
+        (DPM-Solver++(2M)); eta > 0 gives ddim and dpm++ fresh noise at every step. With guidance, z holds the
+        conditional rows, then the unconditional ones. Temperature scales the noise drawn along the chain (a
+        deterministic chain, eta = 0, draws none after x_T: there, x_T)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: use {', '.join(SAMPLERS)}")
         diffusion = self.respaced.get(steps) or self.respaced.setdefault(steps, self.diffusion.respaced(steps))
         guided, clip, previous = cfg_scale != 1.0, self.config.clip_x0, None
+        stochastic = sampler == "ddpm" or eta > 0
         x = torch.randn(z.shape[0] // (1 + guided), self.config.token_dim, device=z.device, dtype=z.dtype)
-        x = temperature * x if sampler == "dpm++" or (sampler == "ddim" and eta == 0) else x
+        x = x if stochastic else temperature * x
         for i in reversed(range(len(diffusion))):
             t = torch.tensor(int(diffusion.timesteps[i]), device=z.device)
             eps = self.net(torch.cat([x, x]) if guided else x, t, z).to(x.dtype)
             if guided:  # classifier-free guidance: eps_u + w (eps_c - eps_u)
                 eps = eps[len(x) :] + cfg_scale * (eps[: len(x)] - eps[len(x) :])
+            noise = temperature * torch.randn_like(x) if stochastic else None
             if sampler == "dpm++":
-                x, previous = diffusion.dpm_solver_step(x, i, eps, previous, clip)
+                x, previous = diffusion.dpm_solver_step(x, i, eps, previous, eta, noise, clip)
             else:  # ddpm adds the posterior's noise, ddim eta times it
-                noise = temperature * torch.randn_like(x)
                 x = (diffusion.p_step(x, i, eps, noise, clip) if sampler == "ddpm"
                      else diffusion.ddim_step(x, i, eps, eta, noise, clip))
         return x
