@@ -37,7 +37,7 @@ SIZES = {
     "base": {},  # ADRConfig's defaults
     "tiny": dict(d_model=64, n_layer=2, n_head=2, head_width=256, head_depth=2, diffusion_batch_mul=1),  # for CPUs
 }
-SAMPLERS = ("ddpm", "ddim", "dpm++")  # the reverse chains of DiffusionHead.sample
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # the reverse chains of DiffusionHead.sample
 
 # ----------------------------------------------------------------------------------------------
 # Retention: three forms of one function. q, k, v are (B, H, L, d_head); log_gamma is (H, 1, 1), kept in
@@ -59,7 +59,7 @@ def retention_parallel(q, k, v, log_gamma):
 
 def retention_recurrent(q, k, v, log_gamma, state):
     """Recurrent form, one token: S_n = gamma S_{n-1} + k_n^T v_n,  o_n = q_n S_n (RetNet eq. 6)."""
-    state = log_gamma.exp() * state + k.transpose(-1, -2) @ v
+    state = log_gamma.exp() * state + k.transpose(-1, -2) * v  # k_n^T v_n, an outer product: one multiplication
     return q @ state.to(q.dtype), state
 
 
@@ -80,10 +80,10 @@ def retention_chunkwise(q, k, v, log_gamma, state, chunk_size):
 
 
 def rotate(x, cos, sin):
-    """Relative position as in xPos/RoPE: channel pair i of the token at position n is rotated by n * theta_i,
-    so q_n k_m^T depends on n - m only. cos, sin: (..., L, d_head / 2) for the positions of x (..., L, d_head)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Relative position as in xPos/RoPE: channel pair (x1, x2) = (x_2i, x_2i+1) of the token at position n is rotated
+    by n * theta_i to (x1 cos - x2 sin, x2 cos + x1 sin), so q_n k_m^T depends on n - m only. cos, sin: (..., L, d_head)
+    for the positions of x (..., L, d_head), each value twice, sin's first of a pair negated."""
+    return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin  # the pairs swapped: (x2, x1)
 
 
 class MultiScaleRetention(nn.Module):
@@ -102,14 +102,16 @@ class MultiScaleRetention(nn.Module):
     def constants(self, like, length):
         """log gamma_h, gamma_h = 1 - 2^(-5-h) (head h looks back ~2^(5+h) tokens), in float32+, and the cos and sin
         rotating q and k at n = 0 .. length-1 (angle n theta_i, theta_i = 10000^(-2i/d_head); k's scaled by
-        1/sqrt(d_head)): (2, 1, 1, n, d_head/2) tables, computed once per device and dtype."""
+        1/sqrt(d_head)): (2, 1, 1, n, d_head) tables, computed once per device and dtype."""
         key, exact = (like.device, like.dtype), torch.promote_types(like.dtype, torch.float32)
         if key not in self.tables or self.tables[key][1].shape[-2] < length:
             arange = lambda n: torch.arange(n, device=like.device, dtype=exact)  # noqa: E731
             angle = arange(max(1024, 2 ** math.ceil(math.log2(length))))[:, None] * 10000.0 ** (
                 -arange(self.d_head // 2) / (self.d_head // 2))
             scale = torch.tensor([1.0, self.d_head**-0.5], dtype=exact, device=like.device)[:, None, None, None, None]
-            cos, sin = ((scale * f(angle)).to(like.dtype) for f in (torch.cos, torch.sin))
+            sign = torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=exact, device=like.device).view(2, 2)  # cos: +, sin: -+
+            cos, sin = ((scale * (f(angle)[..., None] * s).flatten(-2)).to(like.dtype)
+                        for f, s in ((torch.cos, sign[0]), (torch.sin, sign[1])))
             self.tables[key] = (torch.log1p(-(2.0 ** (-5.0 - arange(self.n_head)[:, None, None]))), cos, sin)
         return self.tables[key]
 
@@ -227,7 +229,7 @@ class Diffusion:
         """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = log(alpha/sigma), alpha^2 = alpha_bar = 1 - sigma^2:
         x_{t-1} = (sigma_{t-1}/sigma_t) x_t - alpha_{t-1} (e^{-h} - 1) D with h the step in lambda and D = x_0, or
         (1 + 1/(2r)) x_0 - x_0' / (2r) with x_0', h' of the step before, r = h'/h, but on the long last update.
-        eta > 0 mixes in the SDE solver's fresh noise (SDE-DPM-Solver++(2M) at eta = 1; with D = x_0 the DDPM step):
+        eta = 1 gives the SDE solver, SDE-DPM-Solver++(2M), with fresh noise (with D = x_0 it is the DDPM step):
         x_{t-1} = (sigma_{t-1}/sigma_t) e^{-eta h} x_t - alpha_{t-1} (e^{-(1+eta) h} - 1) D
         + sigma_{t-1} sqrt(1 - e^{-2 eta h}) z. At t = 0 the chain ends on x_0. Returns (x_{t-1}, (x_0, h))."""
         x0 = self.predict_x0(x_t, i, eps, clip)
@@ -325,15 +327,17 @@ class DiffusionHead(nn.Module):
         return F.mse_loss(eps.float(), noise.float())
 
     def sample(self, z, steps=100, temperature=1.0, cfg_scale=1.0, sampler="ddpm", eta=0.0):
-        """One token per row of z by a reverse chain of `steps` denoiser calls: "ddpm" (ancestral), "ddim" or "dpm++"
-        (DPM-Solver++(2M)); eta > 0 gives ddim and dpm++ fresh noise at every step. With guidance, z holds the
-        conditional rows, then the unconditional ones. Temperature scales the noise drawn along the chain (a
-        deterministic chain, eta = 0, draws none after x_T: there, x_T)."""
+        """One token per row of z by a reverse chain of `steps` denoiser calls: "ddpm" (ancestral), "ddim" (eta: the
+        share of DDPM's noise), "dpm++" (DPM-Solver++(2M)) or "dpm++sde" (its SDE form, fresh noise at every step).
+        With guidance, z holds the conditional rows, then the unconditional ones. Temperature scales the noise drawn
+        along the chain (a deterministic chain, ddim at eta = 0 or dpm++, draws none after x_T: there, x_T)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: use {', '.join(SAMPLERS)}")
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta is for the ddim sampler, not {sampler}")
         diffusion = self.respaced.get(steps) or self.respaced.setdefault(steps, self.diffusion.respaced(steps))
         guided, clip, previous = cfg_scale != 1.0, self.config.clip_x0, None
-        stochastic = sampler == "ddpm" or eta > 0
+        stochastic = sampler in ("ddpm", "dpm++sde") or eta > 0
         x = torch.randn(z.shape[0] // (1 + guided), self.config.token_dim, device=z.device, dtype=z.dtype)
         x = x if stochastic else temperature * x
         for i in reversed(range(len(diffusion))):
@@ -342,8 +346,8 @@ class DiffusionHead(nn.Module):
             if guided:  # classifier-free guidance: eps_u + w (eps_c - eps_u)
                 eps = eps[len(x) :] + cfg_scale * (eps[: len(x)] - eps[len(x) :])
             noise = temperature * torch.randn_like(x) if stochastic else None
-            if sampler == "dpm++":
-                x, previous = diffusion.dpm_solver_step(x, i, eps, previous, eta, noise, clip)
+            if sampler in ("dpm++", "dpm++sde"):
+                x, previous = diffusion.dpm_solver_step(x, i, eps, previous, float(sampler == "dpm++sde"), noise, clip)
             else:  # ddpm adds the posterior's noise, ddim eta times it
                 x = (diffusion.p_step(x, i, eps, noise, clip) if sampler == "ddpm"
                      else diffusion.ddim_step(x, i, eps, eta, noise, clip))

@@ -247,8 +247,10 @@ def test_bad_flag_values(ckpts, tmp_path, capsys):
         capsys, ckpts["image"], tmp_path, "--steps 5000: must be between 1 and the model's 1000", "--steps", "5000"
     )
     fails_with(capsys, ckpts["image"], tmp_path, "--mode: invalid choice: 'fast'", "--mode", "fast")
-    fails_with(capsys, ckpts["image"], tmp_path, "--eta 0.5: only --sampler ddim or dpm++ takes it", "--eta", "0.5")
-    fails_with(capsys, ckpts["image"], tmp_path, "--eta: 2 must be at most 1", "--sampler", "dpm++", "--eta", "2")
+    for sampler in ("ddpm", "dpm++", "dpm++sde"):
+        fails_with(capsys, ckpts["image"], tmp_path, "--eta 0.5: only --sampler ddim takes it", "--sampler", sampler,
+                   "--eta", "0.5")
+    fails_with(capsys, ckpts["image"], tmp_path, "--eta: 2 must be at most 1", "--sampler", "ddim", "--eta", "2")
     fails_with(capsys, ckpts["image"], tmp_path, "--n: 'ten' is not an integer", "--n", "ten")
     fails_with(capsys, ckpts["image"], tmp_path, "--device 'tpu': not a device adr runs on", "--device", "tpu")
     fails_with(capsys, ckpts["image"], tmp_path, "--device 'meta': not a device adr runs on", "--device", "meta")

@@ -187,10 +187,10 @@ SAMPLING = dict(sampler="ddpm", steps=100, temperature=1.0, cfg_scale=3.5, cfg_r
 
 def add_sampling_flags(p):
     p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLING["sampler"], help="the reverse chain: ddpm "
-                   "(ancestral), ddim or dpm++ (DPM-Solver++(2M)), deterministic unless --eta > 0 "
-                   f"(default: {SAMPLING['sampler']})")
-    p.add_argument("--eta", type=number(float, 0, high=1), default=0.0, help="with --sampler ddim or dpm++: fresh "
-                   "noise at every step, 0 (none) to 1 (ddim: the DDPM step; dpm++: its SDE solver) (default: 0)")
+                   "(ancestral), ddim (deterministic with --eta 0), dpm++ (DPM-Solver++(2M), deterministic) or "
+                   f"dpm++sde (its SDE form, fresh noise at every step) (default: {SAMPLING['sampler']})")
+    p.add_argument("--eta", type=number(float, 0, high=1), default=0.0,
+                   help="with --sampler ddim: the share of DDPM's noise, 0 to 1 (default: 0)")
     p.add_argument("--steps", type=number(int, 1), default=SAMPLING["steps"],
                    help=f"reverse diffusion steps (denoiser calls) per token (default: {SAMPLING['steps']})")
     p.add_argument("--temperature", type=number(float, 0), default=SAMPLING["temperature"],
@@ -217,8 +217,8 @@ def sampling_options(args, config):
     if config.num_classes == 0 and args.cfg not in (None, 1.0):
         fail(f"--cfg {args.cfg:g}: guidance needs a class-conditional checkpoint and this one has no classes; "
              f"leave --cfg at 1")
-    if args.eta and args.sampler == "ddpm":
-        fail(f"--eta {args.eta:g}: only --sampler ddim or dpm++ takes it (ddpm always adds its noise)")
+    if args.eta and args.sampler != "ddim":
+        fail(f"--eta {args.eta:g}: only --sampler ddim takes it")
     if config.order == "raster" and (args.tokens_per_step > 1 or args.order == "random"):
         flag = f"--tokens-per-step {args.tokens_per_step}" if args.tokens_per_step > 1 else "--order random"
         fail(f"{flag}: this model was trained in raster order and generates one token at a time, in raster order; "
