@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from adr import ADR, SAMPLERS, SIZES, ADRConfig
 from media import image_layout, layout_shape
-from trainer import SAMPLING, OneLineErrors, compile_head, check_writable_file, fail, pick_device, run, timed_sample
+from trainer import (SAMPLING, OneLineErrors, check_writable_file, compile_head, fail, number, pick_device, run,
+                     timed_sample)
 
 DEFAULTS = dict(lengths="64,256,1024,4096", repeats=5, train_tokens=4096, e2e_images=64, e2e_steps=SAMPLING["steps"])
 QUICK = dict(lengths="64,256", repeats=3, train_tokens=256, e2e_images=2, e2e_steps=10)
@@ -199,9 +200,10 @@ def bench_training(model, attention, length, tokens, chunk_size, repeats, device
     return row
 
 
-def bench_sampling(size, images, steps, sampler, repeats, device, compiled=False):
+def bench_sampling(size, images, steps, sampler, cfg_scale, repeats, device, compiled=False):
     """model.sample on the CIFAR image layout, timed as sample.py times it: the backbone (model.backbone) and
-    the diffusion head (model.head.sample, the whole reverse chain of each token)."""
+    the diffusion head (model.head.sample, the whole reverse chain of each token). Guidance as sample.py's default
+    (ramped, when SAMPLING says so) doubles the head's batch."""
     seq_len, token_dim = layout_shape(image_layout())
     config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=10, **SIZES[size])
     model = ADR(config).to(device).eval()
@@ -211,11 +213,13 @@ def bench_sampling(size, images, steps, sampler, repeats, device, compiled=False
     with autocast(device):
         model.sample(min(images, 2), labels[:2], steps=2)  # warm-up
         for _ in range(repeats):
-            _, seconds = timed_sample(model, images, labels, steps=steps, sampler=sampler)
+            _, seconds = timed_sample(model, images, labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                                      cfg_ramp=SAMPLING["cfg_ramp"])
             runs.append(dict(total_s=seconds["total"], backbone_s=seconds["backbone"], head_s=seconds["head"]))
     median = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]  # the run with the median total
     other = median["total_s"] - median["backbone_s"] - median["head_s"]
-    return dict(images=images, tokens=seq_len, steps=steps, sampler=sampler, **median, other_s=other)
+    return dict(images=images, tokens=seq_len, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                cfg_ramp=SAMPLING["cfg_ramp"] and cfg_scale != 1, **median, other_s=other)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +348,8 @@ def report(result):
             training_table(result["training"]),
             "",
             f"## End to end: model.sample of {e2e['images']} CIFAR-sized images ({e2e['tokens']} tokens of 4x4 RGB "
-            f"patches), {e2e['sampler']} sampler, {e2e['steps']} head steps per token, recurrent backbone",
+            f"patches), {e2e['sampler']} sampler, {e2e['steps']} head steps per token, guidance "
+            f"{e2e['cfg_scale']:g}{' ramped' * e2e['cfg_ramp']}, recurrent backbone",
             "",
             sampling_table(e2e),
             "",
@@ -381,6 +386,9 @@ def main(argv=None):
     )
     parser.add_argument("--e2e-sampler", choices=SAMPLERS, default=SAMPLING["sampler"],
                         help=f"the head's reverse chain end to end (default {SAMPLING['sampler']})")
+    parser.add_argument("--e2e-cfg", type=number(float, 0), default=SAMPLING["cfg_scale"],
+                        help=f"classifier-free guidance end to end, 1 = none (default {SAMPLING['cfg_scale']:g}"
+                        + (", ramped as sample.py ramps it)" if SAMPLING["cfg_ramp"] else ")"))
     parser.add_argument(
         "--quick", action="store_true", help="the smallest setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
     )
@@ -456,8 +464,8 @@ def main(argv=None):
         )
     del model, attention
     progress(f"sampling {args.e2e_images} images")
-    sampling = bench_sampling(args.size, args.e2e_images, args.e2e_steps, args.e2e_sampler, args.repeats, device,
-                              args.compile)
+    sampling = bench_sampling(args.size, args.e2e_images, args.e2e_steps, args.e2e_sampler, args.e2e_cfg, args.repeats,
+                              device, args.compile)
     result = dict(header=header, generation=generation, training=training, sampling=sampling)
     print(report(result))
     if args.json:

@@ -11,6 +11,7 @@ import torch
 
 import bench
 from conftest import HERE
+from trainer import SAMPLING
 
 GENERATION_COLUMNS = [
     "P",
@@ -101,6 +102,7 @@ def test_quick_run_reports_every_row_and_column(tmp_path):
     e2e = figures["sampling"]
     assert e2e["backbone_s"] > 0 and e2e["head_s"] > 0 and e2e["other_s"] > 0
     assert e2e["backbone_s"] + e2e["head_s"] < e2e["total_s"]
+    assert e2e["sampler"] == SAMPLING["sampler"] and e2e["cfg_scale"] == SAMPLING["cfg_scale"]  # the defaults
 
 
 def test_kv_cache_step_matches_full_causal_attention():
@@ -138,6 +140,7 @@ def test_cpu_peak_bytes_follows_allocations_and_frees():
         (["--size", "huge"], "--size"),
         (["--device", "tpu"], "--device"),
         (["--e2e-steps", "5000"], "--e2e-steps"),
+        (["--e2e-cfg", "nan"], "--e2e-cfg"),
         (["--json", os.path.join("no", "such", "folder", "b.json")], "--json"),
     ],
 )
