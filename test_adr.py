@@ -462,7 +462,7 @@ def test_any_order_is_causal_in_that_order():
         assert all((z[:, i] - z2[:, i]).abs().max() > 1e-6 for i in range(j + 1, 10))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++", "dpm++sde"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_infilling_keeps_the_known_tokens_and_k_tokens_per_step_match_recompute(k, sampler):
     model = randomise_head(tiny_model(order="random", dtype=torch.float64).eval())

@@ -97,7 +97,8 @@ def test_image_grid_has_a_row_per_class_and_timing(ckpts, tmp_path, capsys):
     out = capsys.readouterr().out
     assert (
         "sampled 12 images of 16 tokens" in out
-        and f"(recurrent mode, ddpm, 3 steps, cfg {SAMPLING['cfg_scale']:g}{' ramped' * SAMPLING['cfg_ramp']})" in out
+        and f"(recurrent mode, {SAMPLING['sampler']}, 3 steps, cfg {SAMPLING['cfg_scale']:g}"
+        f"{' ramped' * SAMPLING['cfg_ramp']})" in out
         and "s/sample" in out
         and "tokens/s" in out
     )
