@@ -423,13 +423,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    size = SIZES[args.size]
-    model = ADR(ADRConfig(seq_len=max(lengths) + 1, **size)).to(device)
-    attention = AttentionModel(size["d_model"], size["n_layer"], size["n_head"], max(lengths) + 1).to(device)
+    config = ADRConfig(seq_len=max(lengths) + 1, **SIZES[args.size])  # "base" is ADRConfig's defaults
+    model = ADR(config).to(device)
+    attention = AttentionModel(config.d_model, config.n_layer, config.n_head, max(lengths) + 1).to(device)
     on_cuda = device.type == "cuda"
     header = dict(
         size=args.size,
-        **size,
+        **{key: getattr(config, key) for key in ("d_model", "n_layer", "n_head", "head_width", "head_depth")},
         device=str(device),
         device_name=device_name(device),
         dtype="bf16 autocast" if on_cuda else "float32",

@@ -158,3 +158,14 @@ def test_cuda_without_a_gpu_is_refused(capsys):
         bench.main(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_base_size_runs(tmp_path, capsys):
+    """--size base is ADRConfig's defaults (an empty SIZES entry): the header must still name its dimensions."""
+    json_path = tmp_path / "base.json"
+    flags = ["--size", "base", "--lengths", "16", "--repeats", "1", "--train-tokens", "16", "--e2e-images", "2",
+             "--e2e-steps", "1", "--threads", "1", "--json", str(json_path)]
+    bench.main(flags)
+    header = json.loads(json_path.read_text())["header"]
+    assert (header["d_model"], header["n_layer"], header["head_width"]) == (512, 8, 1024)
+    assert "--size base (d_model 512, 8 layers, 4 heads" in capsys.readouterr().out
