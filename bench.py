@@ -33,6 +33,7 @@ from trainer import (SAMPLING, OneLineErrors, check_writable_file, compile_head,
                      timed_sample)
 
 DEFAULTS = dict(lengths="64,256,1024,4096", repeats=5, train_tokens=4096, e2e_images=64, e2e_steps=SAMPLING["steps"])
+PARTS = ("generation", "training", "sampling")  # the tables, in the order they are measured
 QUICK = dict(lengths="64,256", repeats=3, train_tokens=256, e2e_images=2, e2e_steps=10)
 
 # ----------------------------------------------------------------------------------------------
@@ -316,17 +317,19 @@ def sampling_table(e2e):
 
 
 def report(result):
-    h, gen, e2e = result["header"], result["generation"], result["sampling"]
-    last = max(gen, key=lambda r: r["prefix"])
-    ratio = lambda a, b: num(last[a] / last[b])  # noqa: E731
-    slower = "diffusion head" if e2e["head_s"] > e2e["backbone_s"] else "backbone"
-    share = 100 * max(e2e["head_s"], e2e["backbone_s"]) / e2e["total_s"]
-    return "\n".join(
-        [
-            f"# adr bench: --size {h['size']} (d_model {h['d_model']}, {h['n_layer']} layers, {h['n_head']} heads; "
-            f"diffusion head {h['head_width']} wide, {h['head_depth']} blocks)",
-            f"device {h['device']} ({h['device_name']}), dtype {h['dtype']}, threads {h['threads']}, "
-            f"torch {h['torch']}; every time is the median of {h['repeats']} repeats after warm-up",
+    """The tables of the parts that were run, as markdown."""
+    h = result["header"]
+    lines = [
+        f"# adr bench: --size {h['size']} (d_model {h['d_model']}, {h['n_layer']} layers, {h['n_head']} heads; "
+        f"diffusion head {h['head_width']} wide, {h['head_depth']} blocks)",
+        f"device {h['device']} ({h['device_name']}), dtype {h['dtype']}, threads {h['threads']}, "
+        f"torch {h['torch']}; every time is the median of {h['repeats']} repeats after warm-up",
+    ]
+    if result.get("generation"):
+        gen = result["generation"]
+        last = max(gen, key=lambda r: r["prefix"])
+        ratio = lambda a, b: num(last[a] / last[b])  # noqa: E731
+        lines += [
             "",
             "## Generation, backbone only: one step that extends a prefix of P tokens, batch 1",
             "ms = time per generated token; KiB = memory kept between tokens, measured from the tensors, per sequence:",
@@ -340,12 +343,21 @@ def report(result):
             f"recompute / recurrent = {ratio('recompute_s', 'recurrent_s')}x; memory kept, KV cache / recurrent = "
             f"{ratio('kv_bytes', 'recurrent_bytes')}x, "
             f"recompute / recurrent = {ratio('recompute_bytes', 'recurrent_bytes')}x.",
+        ]
+    if result.get("training"):
+        lines += [
             "",
             f"## Training: backbone forward + backward on B x L = {h['train_tokens']} tokens (B = 1 from "
             f"L = {h['train_tokens']} on), loss mean(z^2); chunkwise with chunks of {h['chunk_size']}",
             f"tok/s = tokens per second; peak MiB = {h['peak_memory']}.",
             "",
             training_table(result["training"]),
+        ]
+    if result.get("sampling"):
+        e2e = result["sampling"]
+        slower = "diffusion head" if e2e["head_s"] > e2e["backbone_s"] else "backbone"
+        share = 100 * max(e2e["head_s"], e2e["backbone_s"]) / e2e["total_s"]
+        lines += [
             "",
             f"## End to end: model.sample of {e2e['images']} CIFAR-sized images ({e2e['tokens']} tokens of 4x4 RGB "
             f"patches), {e2e['sampler']} sampler, {e2e['steps']} head steps per token, guidance "
@@ -356,7 +368,7 @@ def report(result):
             f"The {slower} dominates sampling: {share:.0f}% of the time ({e2e['steps']} head calls per token against "
             f"one backbone step).",
         ]
-    )
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -394,11 +406,16 @@ def main(argv=None):
     )
     parser.add_argument("--compile", action="store_true", help="end to end: torch.compile the head's denoiser (CUDA "
                         "graphs on a GPU)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="which tables to measure, comma-separated: "
+                        f"{', '.join(PARTS)} (default: all; e.g. generation alone for --size base at long prefixes)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    parts = args.parts.split(",")
+    if not parts or not set(parts) <= set(PARTS):
+        fail(f"--parts {args.parts!r}: give some of {', '.join(PARTS)}, comma-separated")
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
@@ -442,20 +459,12 @@ def main(argv=None):
         + ("torch.cuda.max_memory_allocated" if on_cuda else "torch's profiler allocation records (profile_memory)"),
     )
     progress = lambda what: print(f"bench: {what}", file=sys.stderr, flush=True)  # noqa: E731
-    generation, training = [], []
-    for length in lengths:
+    generation, training, sampling = [], [], None
+    for length in lengths if "generation" in parts else []:
         progress(f"generation at P = {length}")
-        generation.append(
-            bench_generation(
-                model.eval(),
-                attention.eval(),
-                length,
-                args.repeats,
-                device,
-                torch.bfloat16 if on_cuda else torch.float32,
-            )
-        )
-    for length in lengths:
+        cache_dtype = torch.bfloat16 if on_cuda else torch.float32
+        generation.append(bench_generation(model.eval(), attention.eval(), length, args.repeats, device, cache_dtype))
+    for length in lengths if "training" in parts else []:
         progress(f"training at L = {length}")
         training.append(
             bench_training(
@@ -463,9 +472,10 @@ def main(argv=None):
             )
         )
     del model, attention
-    progress(f"sampling {args.e2e_images} images")
-    sampling = bench_sampling(args.size, args.e2e_images, args.e2e_steps, args.e2e_sampler, args.e2e_cfg, args.repeats,
-                              device, args.compile)
+    if "sampling" in parts:
+        progress(f"sampling {args.e2e_images} images")
+        sampling = bench_sampling(args.size, args.e2e_images, args.e2e_steps, args.e2e_sampler, args.e2e_cfg,
+                                  args.repeats, device, args.compile)
     result = dict(header=header, generation=generation, training=training, sampling=sampling)
     print(report(result))
     if args.json:

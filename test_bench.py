@@ -141,6 +141,7 @@ def test_cpu_peak_bytes_follows_allocations_and_frees():
         (["--device", "tpu"], "--device"),
         (["--e2e-steps", "5000"], "--e2e-steps"),
         (["--e2e-cfg", "nan"], "--e2e-cfg"),
+        (["--parts", "generation,speed"], "--parts"),
         (["--json", os.path.join("no", "such", "folder", "b.json")], "--json"),
     ],
 )
@@ -160,12 +161,16 @@ def test_cuda_without_a_gpu_is_refused(capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
-def test_the_base_size_runs(tmp_path, capsys):
+def test_the_base_size_runs_and_parts_can_be_left_out(tmp_path, capsys):
     """--size base is ADRConfig's defaults (an empty SIZES entry): the header must still name its dimensions."""
     json_path = tmp_path / "base.json"
-    flags = ["--size", "base", "--lengths", "16", "--repeats", "1", "--train-tokens", "16", "--e2e-images", "2",
-             "--e2e-steps", "1", "--threads", "1", "--json", str(json_path)]
+    flags = ["--size", "base", "--lengths", "16", "--repeats", "1", "--parts", "generation", "--threads", "1",
+             "--json", str(json_path)]
     bench.main(flags)
-    header = json.loads(json_path.read_text())["header"]
+    figures = json.loads(json_path.read_text())
+    header = figures["header"]
     assert (header["d_model"], header["n_layer"], header["head_width"]) == (512, 8, 1024)
-    assert "--size base (d_model 512, 8 layers, 4 heads" in capsys.readouterr().out
+    assert len(figures["generation"]) == 1 and figures["training"] == [] and figures["sampling"] is None
+    out = capsys.readouterr().out
+    assert "--size base (d_model 512, 8 layers, 4 heads" in out and "## Generation" in out
+    assert "## Training" not in out and "## End to end" not in out
