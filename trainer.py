@@ -181,8 +181,9 @@ class Parser(OneLineErrors):
 
 
 # The sampling settings, in one place for sample.py, evaluate.py and the training scripts' sample files: chosen with
-# evaluate.py on MNIST (README, "Sampling settings" and "The head's reverse chain"): guidance 3.5 ramped from 1 as in
-# MAR; 30 steps of SDE-DPM-Solver++(2M), which matched 100 DDPM steps on MNIST and beat them on CIFAR-10 and speech.
+# evaluate.py (README, "Sampling settings" and "The head's reverse chain"): guidance 3.5 ramped from 1 as in
+# MAR; 30 steps of SDE-DPM-Solver++(2M): on MNIST as accurate as 100 DDPM steps (9% further from the data), on
+# CIFAR-10 and speech 14-16% nearer the data than them.
 SAMPLING = dict(sampler="dpm++sde", steps=30, temperature=1.0, cfg_scale=3.5, cfg_ramp=True)
 
 
