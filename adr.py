@@ -288,7 +288,8 @@ class FinalLayer(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_t, t, z): the noise in a noisy token, from the token, its time step and the backbone's z."""
+    """eps_theta(x_t, t, z): the noise in a noisy token, from the token, its time step and the backbone's z. The caller
+    embeds z (cond_embed) once per token: the reverse chain then calls forward at every step with the same one."""
 
     def __init__(self, token_dim, cond_dim, width, depth):
         super().__init__()
@@ -298,9 +299,9 @@ class Denoiser(nn.Module):
         self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
         self.final_layer = FinalLayer(width, token_dim)
 
-    def forward(self, x_t, t, z):
-        """t: the time step of each row (N,), or one for all rows (a 0-dim tensor, embedded once)."""
-        c = self.time_embed(timestep_embedding(t.reshape(-1), 256).to(x_t.dtype)) + self.cond_embed(z)
+    def forward(self, x_t, t, cond):
+        """t: the time step of each row (N,), or one for all rows (a 0-dim tensor, embedded once); cond: z embedded."""
+        c = self.time_embed(timestep_embedding(t.reshape(-1), 256).to(x_t.dtype)) + cond
         h = self.input_proj(x_t)
         for block in self.res_blocks:
             h = block(h, c)
@@ -323,7 +324,7 @@ class DiffusionHead(nn.Module):
         x0, z = x0.repeat(self.config.diffusion_batch_mul, 1), z.repeat(self.config.diffusion_batch_mul, 1)
         t = torch.randint(0, len(self.diffusion), x0.shape[:1], device=x0.device)
         noise = torch.randn_like(x0)
-        eps = self.net(self.diffusion.q_sample(x0, t, noise), t, z)
+        eps = self.net(self.diffusion.q_sample(x0, t, noise), t, self.net.cond_embed(z))
         return F.mse_loss(eps.float(), noise.float())
 
     def sample(self, z, steps=100, temperature=1.0, cfg_scale=1.0, sampler="ddpm", eta=0.0):
@@ -338,11 +339,12 @@ class DiffusionHead(nn.Module):
         diffusion = self.respaced.get(steps) or self.respaced.setdefault(steps, self.diffusion.respaced(steps))
         guided, clip, previous = cfg_scale != 1.0, self.config.clip_x0, None
         stochastic = sampler in ("ddpm", "dpm++sde") or eta > 0
+        cond = self.net.cond_embed(z)  # the same at every step of the chain
         x = torch.randn(z.shape[0] // (1 + guided), self.config.token_dim, device=z.device, dtype=z.dtype)
         x = x if stochastic else temperature * x
         for i in reversed(range(len(diffusion))):
             t = torch.tensor(int(diffusion.timesteps[i]), device=z.device)
-            eps = self.net(torch.cat([x, x]) if guided else x, t, z).to(x.dtype)
+            eps = self.net(torch.cat([x, x]) if guided else x, t, cond).to(x.dtype)
             if guided:  # classifier-free guidance: eps_u + w (eps_c - eps_u)
                 eps = eps[len(x) :] + cfg_scale * (eps[: len(x)] - eps[len(x) :])
             noise = temperature * torch.randn_like(x) if stochastic else None
@@ -520,13 +522,13 @@ def bits_per_dim(model, tokens, labels, lo, hi, t_draws=1, order=None):
     """Per-example unbiased estimate of an upper bound on -log2 p(x) / dims, (B,): the chain rule over tokens in raster
     order (or the order (B, L) of positions given), each token's bound from token_nll with z_i from the true earlier
     tokens. lo and hi (shaped like tokens) bound each value's quantisation bin. Report the mean and its error."""
-    z = model.condition(tokens, labels, order).float()
+    cond = model.head.net.cond_embed(model.condition(tokens, labels, order).float())  # embedded once per token
     if order is not None:  # every bound is a valid one: the chain rule holds in any order
         tokens, lo, hi = (x.gather(1, order[..., None].expand_as(x).to(x.device)) for x in (tokens, lo, hi))
 
     def eps_fn(x_t, t):
-        eps = model.head.net(x_t.to(z.device, z.dtype).flatten(0, 1), t.to(z.device).flatten(), z.flatten(0, 1))
-        return eps.view(x_t.shape).cpu()
+        rows = x_t.to(cond.device, cond.dtype).flatten(0, 1)
+        return model.head.net(rows, t.to(cond.device).flatten(), cond.flatten(0, 1)).view(x_t.shape).cpu()
 
     nll = token_nll(tokens.cpu(), lo.cpu(), hi.cpu(), eps_fn, model.head.diffusion, t_draws).sum(-1)
     return nll / (tokens[0].numel() * math.log(2))

@@ -263,6 +263,7 @@ class ExactGaussianDenoiser(torch.nn.Module):
     def __init__(self, alpha_bar, mu, s):
         super().__init__()
         self.alpha_bar, self.mu, self.s = alpha_bar, mu, s
+        self.cond_embed = torch.nn.Identity()  # z plays no part
 
     def forward(self, x_t, t, z):
         a = self.alpha_bar[t.reshape(-1)].unsqueeze(-1)
