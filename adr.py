@@ -225,7 +225,7 @@ class Diffusion:
         x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma**2)) * eps
         return x + sigma * noise if sigma else x
 
-    def dpm_solver_step(self, x_t, i, eps, previous, eta=0.0, noise=None, clip=False):
+    def dpm_solver_step(self, x_t, i, eps, previous, clip=False, eta=0.0, noise=None):
         """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = log(alpha/sigma), alpha^2 = alpha_bar = 1 - sigma^2:
         x_{t-1} = (sigma_{t-1}/sigma_t) x_t - alpha_{t-1} (e^{-h} - 1) D with h the step in lambda and D = x_0, or
         (1 + 1/(2r)) x_0 - x_0' / (2r) with x_0', h' of the step before, r = h'/h, but on the long last update.
@@ -321,10 +321,11 @@ class DiffusionHead(nn.Module):
     def loss(self, x0, z):
         """E ||eps - eps_theta(x_t, t, z)||^2 (DDPM eq. 14) for tokens x0 (N, D) with conditions z (N, d),
         one t per token, diffusion_batch_mul draws of (t, eps) per token to amortise the backbone."""
-        x0, z = x0.repeat(self.config.diffusion_batch_mul, 1), z.repeat(self.config.diffusion_batch_mul, 1)
+        draws = self.config.diffusion_batch_mul
+        x0, cond = x0.repeat(draws, 1), self.net.cond_embed(z).repeat(draws, 1)  # z embedded once, before the copies
         t = torch.randint(0, len(self.diffusion), x0.shape[:1], device=x0.device)
         noise = torch.randn_like(x0)
-        eps = self.net(self.diffusion.q_sample(x0, t, noise), t, self.net.cond_embed(z))
+        eps = self.net(self.diffusion.q_sample(x0, t, noise), t, cond)
         return F.mse_loss(eps.float(), noise.float())
 
     def sample(self, z, steps=100, temperature=1.0, cfg_scale=1.0, sampler="ddpm", eta=0.0):
@@ -334,8 +335,8 @@ class DiffusionHead(nn.Module):
         along the chain (a deterministic chain, ddim at eta = 0 or dpm++, draws none after x_T: there, x_T)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: use {', '.join(SAMPLERS)}")
-        if eta and sampler != "ddim":
-            raise ValueError(f"eta is for the ddim sampler, not {sampler}")
+        if eta and sampler != "ddim" or not 0 <= eta <= 1:
+            raise ValueError(f"eta ({eta}) is for the ddim sampler, between 0 and 1 (got sampler {sampler})")
         diffusion = self.respaced.get(steps) or self.respaced.setdefault(steps, self.diffusion.respaced(steps))
         guided, clip, previous = cfg_scale != 1.0, self.config.clip_x0, None
         stochastic = sampler in ("ddpm", "dpm++sde") or eta > 0
@@ -349,7 +350,7 @@ class DiffusionHead(nn.Module):
                 eps = eps[len(x) :] + cfg_scale * (eps[: len(x)] - eps[len(x) :])
             noise = temperature * torch.randn_like(x) if stochastic else None
             if sampler in ("dpm++", "dpm++sde"):
-                x, previous = diffusion.dpm_solver_step(x, i, eps, previous, float(sampler == "dpm++sde"), noise, clip)
+                x, previous = diffusion.dpm_solver_step(x, i, eps, previous, clip, float(sampler == "dpm++sde"), noise)
             else:  # ddpm adds the posterior's noise, ddim eta times it
                 x = (diffusion.p_step(x, i, eps, noise, clip) if sampler == "ddpm"
                      else diffusion.ddim_step(x, i, eps, eta, noise, clip))

@@ -240,8 +240,10 @@ def test_ddim_with_eta_1_is_the_ddpm_step(clip):
         torch.testing.assert_close(d.ddim_step(x, i, eps, 1.0, z, clip), d.p_step(x, i, eps, z, clip))
     assert not torch.allclose(d.ddim_step(x, 10, eps, 0.0, z), d.p_step(x, 10, eps, z))
     head = adr.DiffusionHead(adr.ADRConfig(token_dim=5, d_model=8))
-    with pytest.raises(ValueError, match="eta is for the ddim sampler"):
+    with pytest.raises(ValueError, match="is for the ddim sampler"):
         head.sample(torch.zeros(2, 8), steps=2, sampler="dpm++sde", eta=0.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        head.sample(torch.zeros(2, 8), steps=2, sampler="ddim", eta=-0.5)
 
 
 @pytest.mark.parametrize("clip", [False, True])
@@ -250,8 +252,8 @@ def test_first_order_dpm_solver_with_eta_1_is_the_ddpm_step(clip):
     torch.manual_seed(0)
     x, eps, z, x0_before = (torch.randn(6, 5, dtype=torch.float64) for _ in range(4))
     for i in (19, 10, 1, 0):  # no step before: first order
-        torch.testing.assert_close(d.dpm_solver_step(x, i, eps, None, 1.0, z, clip)[0], d.p_step(x, i, eps, z, clip))
-    second_order = d.dpm_solver_step(x, 10, eps, (x0_before, 0.3), 1.0, z)[0]
+        torch.testing.assert_close(d.dpm_solver_step(x, i, eps, None, clip, 1.0, z)[0], d.p_step(x, i, eps, z, clip))
+    second_order = d.dpm_solver_step(x, 10, eps, (x0_before, 0.3), False, 1.0, z)[0]
     assert not torch.allclose(second_order, d.p_step(x, 10, eps, z))
     ode = d.dpm_solver_step(x, 10, eps, None)[0]  # eta 0: the first-order ODE step is DDIM's
     torch.testing.assert_close(ode, d.ddim_step(x, 10, eps, 0.0, None))
