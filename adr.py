@@ -1,10 +1,10 @@
-"""ADR: Autoregressive Diffusion with Retention, in one file. A causal RetNet reads the tokens so far and emits z_i
-for token i; a small diffusion head (an MLP denoiser with adaptive LayerNorm, as in MAR) turns noise into token i by
-a reverse diffusion chain conditioned on z_i. Training runs retention in its parallel form, sampling in its recurrent
-form (an O(1) state per step); the chunkwise form joins them for long prompts. The three compute the same function:
-`check_equivalence()` (`python adr.py`) asserts it. Only torch and the standard library are imported, and importing
-has no side effects: copy this file alone."""
+"""ADR: Autoregressive Diffusion with Retention, in one file. A causal RetNet reads the tokens so far and emits z_i for
+token i; a small diffusion head (an MLP denoiser with adaptive LayerNorm, as in MAR) turns noise into token i by a
+reverse diffusion chain conditioned on z_i. Training runs retention in its parallel form, sampling in its recurrent form
+(an O(1) state per step); the chunkwise form joins them for long prompts. They compute the same function, which
+`check_equivalence()` (`python adr.py`) asserts. Imports torch and the standard library only; no side effects."""
 
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -80,9 +80,8 @@ def retention_chunkwise(q, k, v, log_gamma, state, chunk_size):
 
 
 def rotate(x, cos, sin):
-    """Relative position as in xPos/RoPE: channel pair (x1, x2) = (x_2i, x_2i+1) of the token at position n is rotated
-    by n * theta_i to (x1 cos - x2 sin, x2 cos + x1 sin), so q_n k_m^T depends on n - m only. cos, sin: (..., L, d_head)
-    for the positions of x (..., L, d_head), each value twice, sin's first of a pair negated."""
+    """Relative position as in xPos/RoPE: pair (x_2i, x_2i+1) at position n turns by n theta_i, so q_n k_m^T depends
+    on n - m only. cos, sin: (..., L, d_head) for x's positions, each value twice, sin's first of each pair negated."""
     return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin  # the pairs swapped: (x2, x1)
 
 
@@ -109,9 +108,8 @@ class MultiScaleRetention(nn.Module):
             angle = arange(max(1024, 2 ** math.ceil(math.log2(length))))[:, None] * 10000.0 ** (
                 -arange(self.d_head // 2) / (self.d_head // 2))
             scale = torch.tensor([1.0, self.d_head**-0.5], dtype=exact, device=like.device)[:, None, None, None, None]
-            sign = torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=exact, device=like.device).view(2, 2)  # cos: +, sin: -+
-            cos, sin = ((scale * (f(angle)[..., None] * s).flatten(-2)).to(like.dtype)
-                        for f, s in ((torch.cos, sign[0]), (torch.sin, sign[1])))
+            pair = lambda f, sign: torch.stack((sign * f(angle), f(angle)), -1).flatten(-2)  # noqa: E731
+            cos, sin = ((scale * table).to(like.dtype) for table in (pair(torch.cos, 1.0), pair(torch.sin, -1.0)))
             self.tables[key] = (torch.log1p(-(2.0 ** (-5.0 - arange(self.n_head)[:, None, None]))), cos, sin)
         return self.tables[key]
 
@@ -222,16 +220,14 @@ class Diffusion:
         x0 = self.predict_x0(x_t, i, eps, clip)
         eps = (x_t - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar) if clip else eps
         sigma = eta * math.sqrt(self.posterior_var[i].item())
-        x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma**2)) * eps
-        return x + sigma * noise if sigma else x
+        return math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma**2)) * eps + sigma * noise
 
     def dpm_solver_step(self, x_t, i, eps, previous, clip=False, eta=0.0, noise=None):
-        """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = log(alpha/sigma), alpha^2 = alpha_bar = 1 - sigma^2:
-        x_{t-1} = (sigma_{t-1}/sigma_t) x_t - alpha_{t-1} (e^{-h} - 1) D with h the step in lambda and D = x_0, or
-        (1 + 1/(2r)) x_0 - x_0' / (2r) with x_0', h' of the step before, r = h'/h, but on the long last update.
-        eta = 1 gives the SDE solver, SDE-DPM-Solver++(2M), with fresh noise (with D = x_0 it is the DDPM step):
-        x_{t-1} = (sigma_{t-1}/sigma_t) e^{-eta h} x_t - alpha_{t-1} (e^{-(1+eta) h} - 1) D
-        + sigma_{t-1} sqrt(1 - e^{-2 eta h}) z. At t = 0 the chain ends on x_0. Returns (x_{t-1}, (x_0, h))."""
+        """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; eta = 1: its SDE form) in lambda = log(alpha/sigma), alpha^2 =
+        alpha_bar = 1 - sigma^2, h the step in lambda: x_{t-1} = (sigma_{t-1}/sigma_t) e^{-eta h} x_t - alpha_{t-1}
+        (e^{-(1+eta) h} - 1) D + sigma_{t-1} sqrt(1 - e^{-2 eta h}) z, D = x_0 (with eta = 1: the DDPM step), or
+        (1 + 1/(2r)) x_0 - x_0' / (2r), x_0' and h' of the step before, r = h'/h, but on the long last update. At t = 0
+        the chain ends on x_0. Returns (x_{t-1}, (x_0, h))."""
         x0 = self.predict_x0(x_t, i, eps, clip)
         if i == 0:
             return x0, None
@@ -288,8 +284,7 @@ class FinalLayer(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_t, t, z): the noise in a noisy token, from the token, its time step and the backbone's z. The caller
-    embeds z (cond_embed) once per token: the reverse chain then calls forward at every step with the same one."""
+    """eps_theta(x_t, t, z): the noise in a noisy token, from the token, its time step and the backbone's z."""
 
     def __init__(self, token_dim, cond_dim, width, depth):
         super().__init__()
@@ -300,7 +295,7 @@ class Denoiser(nn.Module):
         self.final_layer = FinalLayer(width, token_dim)
 
     def forward(self, x_t, t, cond):
-        """t: the time step of each row (N,), or one for all rows (a 0-dim tensor, embedded once); cond: z embedded."""
+        """t: each row's step (N,) or one for all (0-dim); cond = cond_embed(z), once per token (a chain reuses it)"""
         c = self.time_embed(timestep_embedding(t.reshape(-1), 256).to(x_t.dtype)) + cond
         h = self.input_proj(x_t)
         for block in self.res_blocks:
@@ -321,8 +316,7 @@ class DiffusionHead(nn.Module):
     def loss(self, x0, z):
         """E ||eps - eps_theta(x_t, t, z)||^2 (DDPM eq. 14) for tokens x0 (N, D) with conditions z (N, d),
         one t per token, diffusion_batch_mul draws of (t, eps) per token to amortise the backbone."""
-        draws = self.config.diffusion_batch_mul
-        x0, cond = x0.repeat(draws, 1), self.net.cond_embed(z).repeat(draws, 1)  # z embedded once, before the copies
+        x0, cond = (x.repeat(self.config.diffusion_batch_mul, 1) for x in (x0, self.net.cond_embed(z)))
         t = torch.randint(0, len(self.diffusion), x0.shape[:1], device=x0.device)
         noise = torch.randn_like(x0)
         eps = self.net(self.diffusion.q_sample(x0, t, noise), t, cond)
@@ -330,25 +324,21 @@ class DiffusionHead(nn.Module):
 
     def sample(self, z, steps=100, temperature=1.0, cfg_scale=1.0, sampler="ddpm", eta=0.0):
         """One token per row of z by a reverse chain of `steps` denoiser calls: "ddpm" (ancestral), "ddim" (eta: the
-        share of DDPM's noise), "dpm++" (DPM-Solver++(2M)) or "dpm++sde" (its SDE form, fresh noise at every step).
-        With guidance, z holds the conditional rows, then the unconditional ones. Temperature scales the noise drawn
-        along the chain (a deterministic chain, ddim at eta = 0 or dpm++, draws none after x_T: there, x_T)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}: use {', '.join(SAMPLERS)}")
-        if eta and sampler != "ddim" or not 0 <= eta <= 1:
-            raise ValueError(f"eta ({eta}) is for the ddim sampler, between 0 and 1 (got sampler {sampler})")
+        share of DDPM's noise), "dpm++" (DPM-Solver++(2M)) or "dpm++sde" (its SDE form). With guidance, z holds the
+        conditional rows, then the unconditional ones. Temperature scales the noise along the chain, or x_T for a
+        deterministic one (ddim at eta = 0, dpm++)."""
+        if sampler not in SAMPLERS or (eta and sampler != "ddim") or not 0 <= eta <= 1:
+            raise ValueError(f"{sampler!r}, eta {eta}: use {SAMPLERS}; eta is for the ddim sampler, between 0 and 1")
         diffusion = self.respaced.get(steps) or self.respaced.setdefault(steps, self.diffusion.respaced(steps))
-        guided, clip, previous = cfg_scale != 1.0, self.config.clip_x0, None
-        stochastic = sampler in ("ddpm", "dpm++sde") or eta > 0
-        cond = self.net.cond_embed(z)  # the same at every step of the chain
+        guided, clip, previous, cond = cfg_scale != 1.0, self.config.clip_x0, None, self.net.cond_embed(z)  # z once
         x = torch.randn(z.shape[0] // (1 + guided), self.config.token_dim, device=z.device, dtype=z.dtype)
-        x = x if stochastic else temperature * x
+        x = x if sampler in ("ddpm", "dpm++sde") or eta else temperature * x  # a deterministic chain scales x_T
         for i in reversed(range(len(diffusion))):
             t = torch.tensor(int(diffusion.timesteps[i]), device=z.device)
             eps = self.net(torch.cat([x, x]) if guided else x, t, cond).to(x.dtype)
             if guided:  # classifier-free guidance: eps_u + w (eps_c - eps_u)
                 eps = eps[len(x) :] + cfg_scale * (eps[: len(x)] - eps[len(x) :])
-            noise = temperature * torch.randn_like(x) if stochastic else None
+            noise = temperature * torch.randn_like(x) if sampler != "dpm++" else None  # ddim draws it at any eta
             if sampler in ("dpm++", "dpm++sde"):
                 x, previous = diffusion.dpm_solver_step(x, i, eps, previous, clip, float(sampler == "dpm++sde"), noise)
             else:  # ddpm adds the posterior's noise, ddim eta times it
@@ -523,13 +513,12 @@ def bits_per_dim(model, tokens, labels, lo, hi, t_draws=1, order=None):
     """Per-example unbiased estimate of an upper bound on -log2 p(x) / dims, (B,): the chain rule over tokens in raster
     order (or the order (B, L) of positions given), each token's bound from token_nll with z_i from the true earlier
     tokens. lo and hi (shaped like tokens) bound each value's quantisation bin. Report the mean and its error."""
-    cond = model.head.net.cond_embed(model.condition(tokens, labels, order).float())  # embedded once per token
+    cond = model.head.net.cond_embed(model.condition(tokens, labels, order).float()).flatten(0, 1)  # once per token
     if order is not None:  # every bound is a valid one: the chain rule holds in any order
         tokens, lo, hi = (x.gather(1, order[..., None].expand_as(x).to(x.device)) for x in (tokens, lo, hi))
 
     def eps_fn(x_t, t):
-        rows = x_t.to(cond.device, cond.dtype).flatten(0, 1)
-        return model.head.net(rows, t.to(cond.device).flatten(), cond.flatten(0, 1)).view(x_t.shape).cpu()
+        return model.head.net(x_t.to(cond).flatten(0, 1), t.to(cond.device).flatten(), cond).view(x_t.shape).cpu()
 
     nll = token_nll(tokens.cpu(), lo.cpu(), hi.cpu(), eps_fn, model.head.diffusion, t_draws).sum(-1)
     return nll / (tokens[0].numel() * math.log(2))
@@ -564,8 +553,6 @@ def check_equivalence(dtype=torch.float64, length=24, seed=0, verbose=False):
 
 
 if __name__ == "__main__":
-    import argparse
-
     argparse.ArgumentParser(description="Check that retention's three forms agree; print the differences.").parse_args()
     for dtype in (torch.float64, torch.float32):
         print(f"parallel vs recurrent vs chunkwise, {dtype}:")

@@ -256,7 +256,7 @@ def test_first_order_dpm_solver_with_eta_1_is_the_ddpm_step(clip):
     second_order = d.dpm_solver_step(x, 10, eps, (x0_before, 0.3), False, 1.0, z)[0]
     assert not torch.allclose(second_order, d.p_step(x, 10, eps, z))
     ode = d.dpm_solver_step(x, 10, eps, None)[0]  # eta 0: the first-order ODE step is DDIM's
-    torch.testing.assert_close(ode, d.ddim_step(x, 10, eps, 0.0, None))
+    torch.testing.assert_close(ode, d.ddim_step(x, 10, eps, 0.0, z))  # eta 0: z plays no part
 
 
 class ExactGaussianDenoiser(torch.nn.Module):
