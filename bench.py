@@ -10,6 +10,7 @@ Measure what retention's recurrent form buys, side by side in one run on one dev
     python bench.py --threads 1       # steadier figures where other work shares the cores
     python bench.py --device cuda     # bf16 autocast
     python bench.py --quick           # the smallest setting, seconds
+    python bench.py --compile         # every generation step through torch.compile (a minute of compiling)
 
 Every figure comes from a timer (median of --repeats after a warm-up) or a memory counter.
 """
@@ -58,8 +59,8 @@ class AttentionBlock(nn.Module):
         of positions < pos; this call's are written into it and attention reads all of them."""
         B, L, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
-        if cache is not None:
-            cache[0, :, :, pos : pos + L], cache[1, :, :, pos : pos + L] = k, v
+        if cache is not None:  # one copy into the cache's slice, which torch.compile also keeps in place
+            cache[:, :, :, pos : pos + L].copy_(torch.stack((k, v)))
             k, v = cache[0, :, :, : pos + L], cache[1, :, :, : pos + L]
         assert L == 1 or pos == 0, "several tokens at once only from position 0 (the causal mask is top-left aligned)"
         y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
@@ -149,19 +150,28 @@ def tensor_bytes(tensors):
 # The three measurements
 
 
+def compile_steps(backend="inductor"):
+    """torch.compile for the generation steps: a graph per prefix length (dynamic=False), so that the time left is
+    the arithmetic and memory traffic of each way, not eager mode's cost per operation."""
+    torch._dynamo.reset()  # each prefix starts afresh, far from dynamo's limit of recompilations
+    return lambda step: torch.compile(step, backend=backend, dynamic=False)
+
+
 @torch.no_grad()
-def bench_generation(model, attention, prefix, repeats, device, cache_dtype):
-    """One generation step that extends a prefix of `prefix` tokens (batch 1), in three ways."""
+def bench_generation(model, attention, prefix, repeats, device, cache_dtype, compile=None):
+    """One generation step that extends a prefix of `prefix` tokens (batch 1), in three ways; compile: a function
+    that compiles a step (compile_steps()), applied to all three alike."""
     h = torch.randn(1, prefix + 1, model.config.d_model, device=device)  # inputs at positions 0..prefix
     new = h[:, prefix:]
+    backbone, attend = (model.backbone, attention) if compile is None else (compile(model.backbone), compile(attention))
     with autocast(device):
         _, states = model.backbone(h[:, :prefix], "chunkwise")  # the state after the prefix
-        recurrent = seconds_per_call(lambda: model.backbone(new, "recurrent", states, pos=prefix), repeats, device)
+        recurrent = seconds_per_call(lambda: backbone(new, "recurrent", states, pos=prefix), repeats, device)
         state_bytes = tensor_bytes(model.backbone(new, "recurrent", states, pos=prefix)[1])
-        recompute = seconds_per_call(lambda: model.backbone(h, "parallel"), repeats, device)
+        recompute = seconds_per_call(lambda: backbone(h, "parallel"), repeats, device)
         caches = attention.new_cache(1, prefix + 1, cache_dtype, device)
         attention(h[:, :prefix], caches)  # fill the cache with the prefix
-        kv = seconds_per_call(lambda: attention(new, caches, pos=prefix), repeats, device)
+        kv = seconds_per_call(lambda: attend(new, caches, pos=prefix), repeats, device)
     return dict(
         prefix=prefix,
         recurrent_s=recurrent,
@@ -321,6 +331,8 @@ def report(result):
         f"device {h['device']} ({h['device_name']}), dtype {h['dtype']}, threads {h['threads']}, "
         f"torch {h['torch']}; every time is the median of {h['repeats']} repeats after warm-up",
     ]
+    if h.get("compiled"):
+        lines.append("torch.compile (inductor, a graph per shape): the generation steps and the head's denoiser")
     if result.get("generation"):
         gen = result["generation"]
         last = max(gen, key=lambda r: r["prefix"])
@@ -400,8 +412,8 @@ def main(argv=None):
     parser.add_argument(
         "--quick", action="store_true", help="the smallest setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
     )
-    parser.add_argument("--compile", action="store_true", help="end to end: torch.compile the head's denoiser (CUDA "
-                        "graphs on a GPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the three generation steps alike "
+                        "and, end to end, the head's denoiser (CUDA graphs on a GPU); training stays eager")
     parser.add_argument("--parts", default=",".join(PARTS), help="which tables to measure, comma-separated: "
                         f"{', '.join(PARTS)} (default: all; e.g. generation alone for --size base at long prefixes)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -447,6 +459,7 @@ def main(argv=None):
         device_name=device_name(device),
         dtype="bf16 autocast" if on_cuda else "float32",
         threads=torch.get_num_threads(),
+        compiled=args.compile,
         torch=torch.__version__,
         repeats=args.repeats,
         train_tokens=args.train_tokens,
@@ -459,7 +472,8 @@ def main(argv=None):
     for length in lengths if "generation" in parts else []:
         progress(f"generation at P = {length}")
         cache_dtype = torch.bfloat16 if on_cuda else torch.float32
-        generation.append(bench_generation(model.eval(), attention.eval(), length, args.repeats, device, cache_dtype))
+        generation.append(bench_generation(model.eval(), attention.eval(), length, args.repeats, device, cache_dtype,
+                                           compile_steps() if args.compile else None))
     for length in lengths if "training" in parts else []:
         progress(f"training at L = {length}")
         training.append(
