@@ -322,7 +322,7 @@ class DiffusionHead(nn.Module):
         eps = self.net(self.diffusion.q_sample(x0, t, noise), t, cond)
         return F.mse_loss(eps.float(), noise.float())
 
-    def sample(self, z, steps=100, temperature=1.0, cfg_scale=1.0, sampler="ddpm", eta=0.0):
+    def sample(self, z, steps=30, temperature=1.0, cfg_scale=1.0, sampler="dpm++sde", eta=0.0):
         """One token per row of z by a reverse chain of `steps` denoiser calls: "ddpm" (ancestral), "ddim" (eta: the
         share of DDPM's noise), "dpm++" (DPM-Solver++(2M)) or "dpm++sde" (its SDE form). With guidance, z holds the
         conditional rows, then the unconditional ones. Temperature scales the noise along the chain, or x_T for a
@@ -403,7 +403,7 @@ class ADR(nn.Module):
         return self.head.loss(tokens.flatten(0, 1), z.flatten(0, 1))
 
     @torch.no_grad()
-    def sample(self, n, labels=None, steps=100, temperature=1.0, cfg_scale=1.0, sampler="ddpm", eta=0.0, prompt=None,
+    def sample(self, n, labels=None, steps=30, temperature=1.0, cfg_scale=1.0, sampler="dpm++sde", eta=0.0, prompt=None,
                known=None, mask=None, order=None, tokens_per_step=1, mode="recurrent", chunk_size=64, cfg_ramp=False):
         """Generate n sequences of seq_len tokens. Known tokens are read first, chunkwise: a prompt (n, P, D) fixes the
         first P, or known (n, L, D) with mask ((L,) or (n, L), True where known) any. The rest come in `order`

@@ -222,7 +222,7 @@ def bench_sampling(size, images, steps, sampler, cfg_scale, repeats, device, com
     labels = torch.arange(images, device=device) % 10
     runs = []
     with autocast(device):
-        model.sample(min(images, 2), labels[:2], steps=2)  # warm-up
+        model.sample(images, labels, steps=2, cfg_scale=cfg_scale)  # warm-up, at the timed batch (compiles it)
         for _ in range(repeats):
             _, seconds = timed_sample(model, images, labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                                       cfg_ramp=SAMPLING["cfg_ramp"])

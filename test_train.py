@@ -1,5 +1,6 @@
 """trainer.py and the training scripts: checkpoints, the loop, resume, Ctrl-C, torchrun, bad input."""
 
+import inspect
 import math
 import os
 import pickle
@@ -295,6 +296,22 @@ def test_a_short_run_warms_up_over_a_tenth_of_it(capsys):
     assert args.warmup == 100 and capsys.readouterr().err == ""
 
 
+def test_training_and_sampling_name_guidance_alike():
+    """--cfg is the guidance of the sample files, the same flag as sample.py's and evaluate.py's."""
+    parser = trainer.common_parser("test", "out")
+    assert parser.parse_args(["--cfg", "2"]).cfg == 2.0 and parser.parse_args([]).cfg == trainer.SAMPLING["cfg_scale"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cfg-scale", "2"])
+
+
+def test_adr_py_samples_with_the_scripts_chain_by_default():
+    """Someone who copies adr.py alone gets the chain the scripts use."""
+    for sample in (adr.ADR.sample, adr.DiffusionHead.sample):
+        defaults = {k: p.default for k, p in inspect.signature(sample).parameters.items()}
+        assert {k: defaults[k] for k in ("sampler", "steps", "temperature")} == {
+            k: trainer.SAMPLING[k] for k in ("sampler", "steps", "temperature")}
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_dir, tmp_path, monkeypatch, capsys):
     calls = []
     real_loss = adr.DiffusionHead.loss
@@ -506,7 +523,7 @@ def test_unconditional_samples_are_numbered(tmp_path):
     torch.manual_seed(0)
     model = adr.ADR(adr.ADRConfig(token_dim=160, seq_len=100, num_classes=0, **adr.SIZES["tiny"])).eval()
     real = data.Clips(torch.full((3, 16000), 1000, dtype=torch.int16), [0, 1, 1])
-    args = type("Args", (), dict(unconditional=True, sample_steps=2, cfg_scale=3.0, sampler="ddpm", cfg_ramp=False))
+    args = type("Args", (), dict(unconditional=True, sample_steps=2, cfg=3.0, sampler="ddpm", cfg_ramp=False))
     train_audio.sample_writer(args, media.audio_layout(), ["a", "b"], real)(model, str(tmp_path), 7)
     assert sorted(os.listdir(tmp_path / "samples" / "step_000007")) == ["sample_0.wav", "sample_1.wav"]
     assert (tmp_path / "spectrograms_000007.png").exists()

@@ -54,7 +54,7 @@ def sample_writer(args, layout, words, real_set):
     def save_samples(model, out_dir, step):
         device = next(model.parameters()).device
         labels = torch.arange(len(words), device=device) if conditional else None
-        cfg_scale = args.cfg_scale if conditional else 1.0
+        cfg_scale = args.cfg if conditional else 1.0
         tokens = model.sample(len(names), labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler,
                               cfg_ramp=args.cfg_ramp)
         waves = from_tokens(tokens.float(), layout).cpu()

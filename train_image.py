@@ -27,7 +27,7 @@ def sample_grid_writer(args, layout, class_names, per_row=10):
         device = model.pos_emb.device
         labels = torch.arange(len(class_names), device=device).repeat_interleave(per_row) if class_names else None
         n = len(labels) if class_names else per_row * per_row
-        cfg_scale = args.cfg_scale if class_names else 1.0
+        cfg_scale = args.cfg if class_names else 1.0
         tokens = model.sample(n, labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler,
                               cfg_ramp=args.cfg_ramp)
         path = os.path.join(out_dir, f"samples_{step:06d}.png")

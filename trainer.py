@@ -272,10 +272,10 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
                    help="the reverse chain of the sample files")
     p.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=SAMPLING["steps"],
                    help="reverse diffusion steps per token for the sample files")
-    p.add_argument("--cfg-scale", type=number(float, 0), default=SAMPLING["cfg_scale"],
-                   help="classifier-free guidance scale for the sample files (1: none)")
+    p.add_argument("--cfg", type=number(float, 0), default=SAMPLING["cfg_scale"],
+                   help="classifier-free guidance scale for the sample files, as sample.py's --cfg (1: none)")
     p.add_argument("--cfg-ramp", action=argparse.BooleanOptionalAction, default=SAMPLING["cfg_ramp"],
-                   help="let the sample files' guidance grow from 1 to --cfg-scale over the tokens")
+                   help="let the sample files' guidance grow from 1 to --cfg over the tokens")
     p.add_argument("--num-workers", type=number(int, 0), default=None, help="data loader processes (default: none "
                    "on a CPU, where the data in memory is read faster than extra processes cost; else up to 4)")
     return p
