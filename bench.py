@@ -58,9 +58,10 @@ class AttentionBlock(nn.Module):
         """x: (B, L, d) at positions pos.. . A cache (2, B, H, capacity, d_head) holds the keys and values
         of positions < pos; this call's are written into it and attention reads all of them."""
         B, L, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
-        if cache is not None:  # one copy into the cache's slice, which torch.compile also keeps in place
-            cache[:, :, :, pos : pos + L].copy_(torch.stack((k, v)))
+        qkv = self.qkv(self.norm1(x)).view(B, L, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
+        if cache is not None:  # keys and values in one copy into the cache's slice (torch.compile keeps it in place)
+            cache[:, :, :, pos : pos + L].copy_(qkv[1:])
             k, v = cache[0, :, :, : pos + L], cache[1, :, :, : pos + L]
         assert L == 1 or pos == 0, "several tokens at once only from position 0 (the causal mask is top-left aligned)"
         y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
@@ -154,16 +155,17 @@ def compile_steps(backend="inductor"):
     """torch.compile for the generation steps: a graph per prefix length (dynamic=False), so that the time left is
     the arithmetic and memory traffic of each way, not eager mode's cost per operation."""
     torch._dynamo.reset()  # each prefix starts afresh, far from dynamo's limit of recompilations
-    return lambda step: torch.compile(step, backend=backend, dynamic=False)
+    return lambda step: torch.compile(step, backend=backend, dynamic=False, fullgraph=True)  # a graph break: an error
 
 
 @torch.no_grad()
-def bench_generation(model, attention, prefix, repeats, device, cache_dtype, compile=None):
-    """One generation step that extends a prefix of `prefix` tokens (batch 1), in three ways; compile: a function
+def bench_generation(model, attention, prefix, repeats, device, cache_dtype, compiler=None):
+    """One generation step that extends a prefix of `prefix` tokens (batch 1), in three ways; compiler: a function
     that compiles a step (compile_steps()), applied to all three alike."""
     h = torch.randn(1, prefix + 1, model.config.d_model, device=device)  # inputs at positions 0..prefix
     new = h[:, prefix:]
-    backbone, attend = (model.backbone, attention) if compile is None else (compile(model.backbone), compile(attention))
+    compiler = compiler or (lambda step: step)
+    backbone, attend = compiler(model.backbone), compiler(attention)
     with autocast(device):
         _, states = model.backbone(h[:, :prefix], "chunkwise")  # the state after the prefix
         recurrent = seconds_per_call(lambda: backbone(new, "recurrent", states, pos=prefix), repeats, device)
@@ -332,7 +334,8 @@ def report(result):
         f"torch {h['torch']}; every time is the median of {h['repeats']} repeats after warm-up",
     ]
     if h.get("compiled"):
-        lines.append("torch.compile (inductor, a graph per shape): the generation steps and the head's denoiser")
+        what = {"generation": "the generation steps", "sampling": "the head's denoiser"}
+        lines.append("torch.compile (inductor, a graph per shape): " + " and ".join(what[p] for p in h["compiled"]))
     if result.get("generation"):
         gen = result["generation"]
         last = max(gen, key=lambda r: r["prefix"])
@@ -413,7 +416,8 @@ def main(argv=None):
         "--quick", action="store_true", help="the smallest setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the three generation steps alike "
-                        "and, end to end, the head's denoiser (CUDA graphs on a GPU); training stays eager")
+                        "and, end to end, the head's denoiser (CUDA graphs for it on a GPU); training stays eager; "
+                        "needs a C++ compiler on a CPU")
     parser.add_argument("--parts", default=",".join(PARTS), help="which tables to measure, comma-separated: "
                         f"{', '.join(PARTS)} (default: all; e.g. generation alone for --size base at long prefixes)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -459,7 +463,7 @@ def main(argv=None):
         device_name=device_name(device),
         dtype="bf16 autocast" if on_cuda else "float32",
         threads=torch.get_num_threads(),
-        compiled=args.compile,
+        compiled=[part for part in ("generation", "sampling") if args.compile and part in parts],
         torch=torch.__version__,
         repeats=args.repeats,
         train_tokens=args.train_tokens,
