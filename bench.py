@@ -445,7 +445,7 @@ def main(argv=None):
             fail(f"{flag} must be at least 1, got {value}")
     if args.e2e_steps > ADRConfig.diffusion_steps:
         fail(f"--e2e-steps must be at most {ADRConfig.diffusion_steps}, got {args.e2e_steps}")
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.compile)
     if args.json:
         check_writable_file(args.json, "--json")
     if args.threads:

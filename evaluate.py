@@ -258,7 +258,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.compile)
     if args.json:
         check_writable_file(args.json, "--json")
     try:

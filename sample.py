@@ -143,7 +143,7 @@ def known_tokens(args, layout, config):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.compile)
     try:
         model, ckpt = load_checkpoint(args.ckpt, device, use_ema=args.ema)
     except CheckpointError as e:

@@ -207,6 +207,11 @@ def fails_with(capsys, ckpt, out, message, *flags):
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_compile_without_a_cpp_compiler_fails_in_one_line(ckpts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("trainer.cpp_compiler_found", lambda: False)
+    fails_with(capsys, ckpts["image"], tmp_path, "no C++ compiler (g++) was found here", "--compile")
+
+
 def test_bad_checkpoints(ckpts, tmp_path, capsys):
     fails_with(capsys, str(tmp_path / "missing.pt"), tmp_path, "no checkpoint at")
     (tmp_path / "notes.txt").write_text("not a checkpoint")

@@ -289,6 +289,14 @@ def test_bad_devices_and_unwritable_outputs_fail_before_the_data_is_read(tmp_pat
         )
 
 
+def test_compile_without_a_cpp_compiler_fails_in_one_line_before_the_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", lambda: (_ for _ in ()).throw(OSError()))
+    assert not trainer.cpp_compiler_found()
+    common = ["--dataset", "mnist", "--data", str(tmp_path / "missing_data"), "--size", "tiny", "--device", "cpu"]
+    one_line_exit(capsys, train_image.main, [*common, "--out", str(tmp_path / "r"), "--compile"],
+                  "--compile on a CPU builds C++ code, and no C++ compiler (g++) was found here")
+
+
 def test_a_short_run_warms_up_over_a_tenth_of_it(capsys):
     args = trainer.common_parser("test", "out").parse_args(["--size", "tiny", "--steps", "40"])
     assert args.warmup == 4 and "warming up over 4 steps" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import csv
 import math
 import os
 import pickletools
+import shutil
 import signal
 import sys
 import tempfile
@@ -117,9 +118,9 @@ def ema_decay(text):
     return value
 
 
-def pick_device(name):
+def pick_device(name, compiling=False):
     """--device as a torch.device that this PyTorch can run on (cpu, cuda, cuda:N, mps where there is one), or
-    one line that names the device as the problem."""
+    one line that names the device as the problem; compiling: --compile, which on a CPU needs a C++ compiler."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -132,7 +133,23 @@ def pick_device(name):
         fail(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPUs here")
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail(f"--device {name}: this PyTorch has no Apple-silicon (MPS) GPU to use here; use --device cpu")
+    if compiling and device.type == "cpu" and not cpp_compiler_found():
+        fail("--compile on a CPU builds C++ code, and no C++ compiler (g++) was found here: install one, or leave "
+             "out --compile")
     return device
+
+
+def cpp_compiler_found():
+    """Whether torch.compile's CPU backend finds its C++ compiler (asked through its own search where this PyTorch
+    has it, else g++ on the PATH), so that --compile fails in one line before the work, not deep inside torch."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return shutil.which("g++") is not None
+    try:
+        return bool(get_cpp_compiler())
+    except Exception:  # torch's InvalidCxxCompiler, raised when its search finds none
+        return False
 
 
 def default_device():
@@ -427,7 +444,7 @@ def setup(args):
     """Start the process group under torchrun (NCCL on GPU, gloo on CPU) and pick this process's device.
     Returns (rank, world_size, device); calling it again returns the same."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.compile)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
