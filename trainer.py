@@ -226,7 +226,8 @@ def add_sampling_flags(p):
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them (default: yes)")
     p.add_argument("--compile", action="store_true", help="torch.compile the diffusion head's denoiser (CUDA graphs "
-                   "on a GPU; a slow first token, then faster steps)")
+                   "on a GPU, where its small steps wait on kernel launches; on a CPU it needs a C++ compiler and "
+                   "gains little, the head's matrix products being the cost)")
 
 
 def sampling_options(args, config):
@@ -271,7 +272,8 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
                    "samples and evaluation")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run")
     p.add_argument("--device", default=default_device(), help=DEVICE_HELP)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps; on a CPU "
+                   "it needs a C++ compiler)")
     p.add_argument("--out", default=default_out, help="folder for the checkpoint, samples, log.csv and loss.png")
     p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out")
     p.add_argument("--data", default="./data", help="folder the dataset is downloaded to")
