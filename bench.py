@@ -473,9 +473,9 @@ def main(argv=None):
     )
     progress = lambda what: print(f"bench: {what}", file=sys.stderr, flush=True)  # noqa: E731
     generation, training, sampling = [], [], None
+    cache_dtype = torch.bfloat16 if on_cuda else torch.float32
     for length in lengths if "generation" in parts else []:
         progress(f"generation at P = {length}")
-        cache_dtype = torch.bfloat16 if on_cuda else torch.float32
         generation.append(bench_generation(model.eval(), attention.eval(), length, args.repeats, device, cache_dtype,
                                            compile_steps() if args.compile else None))
     for length in lengths if "training" in parts else []:

@@ -290,7 +290,10 @@ def test_bad_devices_and_unwritable_outputs_fail_before_the_data_is_read(tmp_pat
 
 
 def test_compile_without_a_cpp_compiler_fails_in_one_line_before_the_data(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", lambda: (_ for _ in ()).throw(OSError()))
+    def no_compiler():
+        raise OSError("no g++ on the PATH")  # what torch's search reports, in its own exception type
+
+    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", no_compiler)
     assert not trainer.cpp_compiler_found()
     common = ["--dataset", "mnist", "--data", str(tmp_path / "missing_data"), "--size", "tiny", "--device", "cpu"]
     one_line_exit(capsys, train_image.main, [*common, "--out", str(tmp_path / "r"), "--compile"],
