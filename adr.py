@@ -356,7 +356,8 @@ class ADR(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.start = nn.Embedding(config.num_classes + 1, d)  # a start token per class, and the null class last
+        # the class (the null class last) joins every input: given only at the start, retention's decay forgets it
+        self.class_emb = nn.Embedding(config.num_classes + 1, d)
         self.token_in = nn.Linear(config.token_dim, d)
         self.pos_emb = nn.Parameter(torch.randn(config.seq_len, d) * 0.02)  # the position an input asks for next
         if config.order == "random":  # sigma-GPT's double positional encoding: also where each input token sits
@@ -366,13 +367,14 @@ class ADR(nn.Module):
         self.head = DiffusionHead(config)
 
     def embed(self, tokens, labels, targets, sources=None, with_start=True):
-        """Backbone inputs [start(label), tok, ...] (or the tokens alone), plus the embedding of the position each asks
-        for next (targets; in raster order input i asks for token i), and where its token sits (random order)."""
+        """Backbone inputs [start, tok, ...] (or the tokens alone), the start input holding no token, each plus the
+        class embedding (no labels: the null class's), the embedding of the position it asks for next (targets; in
+        raster order input i asks for token i), and where its token sits (random order)."""
         h = self.token_in(tokens) if sources is None else self.token_in(tokens) + self.source_emb[sources]
-        if with_start:  # no labels: the null class
-            null = torch.full(tokens.shape[:1], self.config.num_classes, device=h.device)
-            h = torch.cat([self.start(null if labels is None else labels)[:, None], h], dim=1)
-        return h + self.pos_emb[targets]
+        if with_start:
+            h = torch.cat([h.new_zeros(h.shape[0], 1, h.shape[2]), h], dim=1)
+        labels = torch.full(h.shape[:1], self.config.num_classes, device=h.device) if labels is None else labels
+        return h + self.class_emb(labels)[:, None] + self.pos_emb[targets]
 
     def backbone(self, h, form="parallel", states=None, pos=0, chunk_size=64):
         """Run the RetNet on inputs at sequence positions pos.. in the given form; returns (z, states)."""
