@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from adr import ADR, SAMPLERS, SIZES, ADRConfig
 from media import image_layout, layout_shape
-from trainer import (SAMPLING, OneLineErrors, check_writable_file, compile_head, fail, number, pick_device, run,
-                     timed_sample)
+from cli import (GUIDANCE, SAMPLING, OneLineErrors, check_writable_file, compile_head, fail, number, pick_device, run,
+                 timed_sample)
 
 DEFAULTS = dict(lengths="64,256,1024,4096", repeats=5, train_tokens=4096, e2e_images=64, e2e_steps=SAMPLING["steps"])
 PARTS = ("generation", "training", "sampling")  # the tables, in the order they are measured
@@ -216,7 +216,7 @@ def bench_training(model, attention, length, tokens, chunk_size, repeats, device
 def bench_sampling(size, images, steps, sampler, cfg_scale, repeats, device, compiled=False):
     """model.sample on the CIFAR image layout, timed as sample.py times it: the backbone (model.backbone) and
     the diffusion head (model.head.sample, the whole reverse chain of each token). Guidance as sample.py's default
-    (ramped, when SAMPLING says so) doubles the head's batch."""
+    (ramped, when GUIDANCE["image"] says so) doubles the head's batch."""
     seq_len, token_dim = layout_shape(image_layout())
     config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=10, **SIZES[size])
     model = ADR(config).to(device).eval()
@@ -227,12 +227,12 @@ def bench_sampling(size, images, steps, sampler, cfg_scale, repeats, device, com
         model.sample(images, labels, steps=2, cfg_scale=cfg_scale)  # warm-up, at the timed batch (compiles it)
         for _ in range(repeats):
             _, seconds = timed_sample(model, images, labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                                      cfg_ramp=SAMPLING["cfg_ramp"])
+                                      cfg_ramp=GUIDANCE["image"]["cfg_ramp"])
             runs.append(dict(total_s=seconds["total"], backbone_s=seconds["backbone"], head_s=seconds["head"]))
     median = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]  # the run with the median total
     other = median["total_s"] - median["backbone_s"] - median["head_s"]
     return dict(images=images, tokens=seq_len, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                cfg_ramp=SAMPLING["cfg_ramp"] and cfg_scale != 1, **median, other_s=other)
+                cfg_ramp=GUIDANCE["image"]["cfg_ramp"] and cfg_scale != 1, **median, other_s=other)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,9 +409,10 @@ def main(argv=None):
     )
     parser.add_argument("--e2e-sampler", choices=SAMPLERS, default=SAMPLING["sampler"],
                         help=f"the head's reverse chain end to end (default {SAMPLING['sampler']})")
-    parser.add_argument("--e2e-cfg", type=number(float, 0), default=SAMPLING["cfg_scale"],
-                        help=f"classifier-free guidance end to end, 1 = none (default {SAMPLING['cfg_scale']:g}"
-                        + (", ramped as sample.py ramps it)" if SAMPLING["cfg_ramp"] else ")"))
+    image = GUIDANCE["image"]
+    parser.add_argument("--e2e-cfg", type=number(float, 0), default=image["cfg_scale"],
+                        help=f"classifier-free guidance end to end, 1 = none (default {image['cfg_scale']:g}, images'"
+                        + (", ramped as sample.py ramps it)" if image["cfg_ramp"] else ")"))
     parser.add_argument(
         "--quick", action="store_true", help="the smallest setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
     )

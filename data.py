@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from media import IMAGE_EXTENSIONS, prepare_clip, read_pixels, read_wav
-from trainer import fail, log, warn
+from cli import fail, log, warn
 
 # ----------------------------------------------------------------------------------------------
 # Images
@@ -185,12 +185,12 @@ def mnist_data(root, name):
 # Audio: every clip decoded once, held in memory as int16 (SC09 training: about 31k clips, 1 GB as float32)
 
 SAMPLE_RATE = 16000
-CLIP_LENGTH = 16000  # 1 s
+CLIP_LENGTH = 16000  # 1 s, the default (train_audio.py --seconds)
 SC09 = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 class Clips(Dataset):
-    """int16 clips (N, CLIP_LENGTH) and their labels; items are (waveform in [-1, 1), label)."""
+    """int16 clips (N, samples) and their labels; items are (waveform in [-1, 1), label)."""
 
     def __init__(self, clips, labels):
         self.clips, self.labels = clips, torch.tensor(labels, dtype=torch.long)
@@ -202,9 +202,9 @@ class Clips(Dataset):
         return self.clips[i].float() / 32768, int(self.labels[i])
 
 
-def load_clips(paths_and_labels):
-    """Decode (path, label) pairs into Clips; returns (Clips, [reason for each file skipped as unreadable],
-    [each path that is not there])."""
+def load_clips(paths_and_labels, length=CLIP_LENGTH):
+    """Decode (path, label) pairs into Clips of `length` samples; returns (Clips, [reason for each file skipped as
+    unreadable], [each path that is not there])."""
     clips, labels, skipped, missing = [], [], [], []
     for path, label in paths_and_labels:
         if not os.path.exists(path):
@@ -218,11 +218,11 @@ def load_clips(paths_and_labels):
         if waveform.shape[1] == 0:
             skipped.append(f"{path}: no samples")
             continue
-        clip = prepare_clip(waveform, rate, SAMPLE_RATE, CLIP_LENGTH)
+        clip = prepare_clip(waveform, rate, SAMPLE_RATE, length)
         # numpy: a torch op per clip is slow on a busy CPU
         clips.append(np.clip(np.round(clip.numpy() * 32768), -32768, 32767).astype(np.int16))
         labels.append(label)
-    stacked = torch.from_numpy(np.stack(clips)) if clips else torch.zeros(0, CLIP_LENGTH, dtype=torch.int16)
+    stacked = torch.from_numpy(np.stack(clips)) if clips else torch.zeros(0, length, dtype=torch.int16)
     return Clips(stacked, labels), skipped, missing
 
 
@@ -240,7 +240,7 @@ def pick_words(requested, available, default, where):
     return words
 
 
-def speech_commands(root, requested_words=None):
+def speech_commands(root, requested_words=None, length=CLIP_LENGTH):
     """Speech Commands under root/SpeechCommands/: v0.02, or v0.01 where only that is there (downloaded, v0.02, if
     neither is). Returns (training Clips, testing Clips or None, words)."""
     from torchaudio.datasets import SPEECHCOMMANDS
@@ -276,7 +276,7 @@ def speech_commands(root, requested_words=None):
             relative_path, _, label, _, _ = dataset.get_metadata(n)
             if label in words:
                 items.append((os.path.join(base, relative_path), words.index(label)))
-        clips, skipped, missing = load_clips(items)
+        clips, skipped, missing = load_clips(items, length)
         log(f"data: Speech Commands {subset}: {len(clips)} clips of {len(words)} words")
         if skipped:
             warn(f"skipped {len(skipped)} unreadable Speech Commands files, e.g. {skipped[0]}")
@@ -288,7 +288,7 @@ def speech_commands(root, requested_words=None):
     return sets[0], sets[1] if len(sets[1]) else None, words
 
 
-def audio_folder(folder, requested_words=None):
+def audio_folder(folder, requested_words=None, length=CLIP_LENGTH):
     """WAVs in folder/<word>/*.wav: every 10th file of each word (in name order) is held out for testing.
     Sub-folders whose names start with _ or . are not words (Speech Commands' _background_noise_).
     Returns (training Clips, testing Clips or None, words, number of unreadable files skipped)."""
@@ -303,8 +303,8 @@ def audio_folder(folder, requested_words=None):
         names = sorted(n for n in os.listdir(os.path.join(folder, word)) if n.lower().endswith(".wav"))
         for i, name in enumerate(names):
             (test_items if i % 10 == 9 else train_items).append((os.path.join(folder, word, name), label))
-    train_set, skipped_train, _ = load_clips(train_items)
-    test_set, skipped_test, _ = load_clips(test_items)
+    train_set, skipped_train, _ = load_clips(train_items, length)
+    test_set, skipped_test, _ = load_clips(test_items, length)
     skipped = skipped_train + skipped_test
     if len(train_set) == 0:
         example = f" ({skipped[0]})" if skipped else ""
@@ -342,9 +342,9 @@ def load_dataset(source, layout):
         return image_folder_data(root, layout)
     words = ",".join(source["words"]) if source.get("words") is not None else None
     if name == "speech-commands":
-        return speech_commands(root, words)
+        return speech_commands(root, words, layout["length"])
     if name == "audio-folder":
-        return audio_folder(root, words)[:3]
+        return audio_folder(root, words, layout["length"])[:3]
     raise ValueError(f"unknown dataset {name!r}")
 
 

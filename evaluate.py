@@ -28,10 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import fingerprint, load_dataset
-from media import dequantise, from_tokens, quantise, save_image_grid, save_samples_npz
-from trainer import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, check_writable, check_writable_file
-from trainer import compile_head, default_device, fail, format_time, held_out_bpd, load_checkpoint, log, number
-from trainer import pick_device, run, sampling_options, timed_sample, warn
+from media import dequantise, from_tokens, quantise, save_image_grid, save_samples_npz, to_tokens
+from cli import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, check_writable, check_writable_file
+from cli import compile_head, default_device, fail, format_time, held_out_bpd, load_checkpoint, log, number
+from cli import pick_device, run, sampling_options, timed_sample, warn
 
 # ----------------------------------------------------------------------------------------------
 # The classifier: three stages of 3x3 convolutions, global average pooling, a linear layer. Its penultimate
@@ -156,6 +156,8 @@ def classifier_steps(train_size):
 def get_classifier(source, train_set, test_set, layout, class_names, args, device):
     """The cached classifier of this data if there is one (same data, same layout), else a new one, cached.
     Returns (classifier, held-out accuracy, cache path)."""
+    if layout["kind"] == "audio":  # it hears waveforms: one classifier for every token layout of the same clips
+        layout = dict(kind="audio", sample_rate=layout["sample_rate"], length=layout["length"])
     identity = dict(classifier=CLASSIFIER_VERSION, source=source["name"], class_names=list(class_names), layout=layout,
                     train=fingerprint(train_set), test=fingerprint(test_set))
     name = f"adr-classifier-{source['name']}-{identity['train'][:8]}.pt"
@@ -216,8 +218,9 @@ def scores(classifier, samples, labels, real, splits, device, real_labels=None):
     the classifier scores of the samples and of real[a], for the first split."""
     features, probs = predict(classifier, samples.to(device))
     real_features, real_probs = predict(classifier, real.to(device))
-    fd = torch.tensor([frechet_distance(features, real_features[a]) for a, _ in splits])
-    floor = torch.tensor([frechet_distance(real_features[b], real_features[a]) for a, b in splits])
+    # in float64, as the distances are: a float32 mean would round them at the 7th digit
+    fd = torch.tensor([frechet_distance(features, real_features[a]) for a, _ in splits], dtype=torch.float64)
+    floor = torch.tensor([frechet_distance(real_features[b], real_features[a]) for a, b in splits], dtype=torch.float64)
     a = splits[0][0]
 
     def accuracy(p, y):
@@ -228,6 +231,18 @@ def scores(classifier, samples, labels, real, splits, device, real_labels=None):
                 score_real=classifier_score(real_probs[a]), fd=fd[0].item(), fd_floor=floor[0].item(),
                 splits=len(splits), fd_mean=fd.mean().item(), fd_floor_mean=floor.mean().item(),
                 fd_floor_sd=floor.std().item() if len(splits) > 1 else 0.0)
+
+
+def through_the_vocoder(classifier, vocoded, real, splits, device, real_labels):
+    """The ceiling that mel tokens allow: the held-out clips through tokens and the vocoder, scored as samples are
+    (the accuracy of vocoded real[a]; the Fréchet distance of vocoded real[b] to real[a], the floor's pair with
+    one side vocoded), for the first split and averaged over all."""
+    features, probs = predict(classifier, vocoded.to(device))
+    real_features, _ = predict(classifier, real.to(device))
+    fd = torch.tensor([frechet_distance(features[b], real_features[a]) for a, b in splits], dtype=torch.float64)
+    a = splits[0][0]
+    accuracy = (probs[a].argmax(-1).cpu() == real_labels[a].cpu()).double().mean().item()
+    return dict(vocoded_accuracy=accuracy, vocoded_fd=fd[0].item(), vocoded_fd_mean=fd.mean().item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +282,7 @@ def main(argv=None):
         fail(str(e))
     config, layout, class_names = model.config, ckpt["layout"], ckpt["class_names"]
     model = compile_head(model) if args.compile else model
-    options = sampling_options(args, config)
+    options = sampling_options(args, config, ckpt["sampling"])
     source = dict(ckpt.get("source") or {})
     if not source:
         fail(f"{args.ckpt} does not say which data it was trained on (it predates evaluate.py); train it again")
@@ -304,17 +319,22 @@ def main(argv=None):
                                             for _ in range(REFERENCE_SPLITS - 1)]
     splits = [(order[: n * groups], order[n * groups : 2 * n * groups]) for order in orders]
     labels = torch.arange(groups).repeat_interleave(n) if conditional else None
-    batches, seconds = [], dict(total=0.0, head=0.0)
+    batches, drawn, seconds = [], [], dict(total=0.0, head=0.0)
     log(f"sampling {n * groups} {'images' if layout['kind'] == 'image' else 'clips'} ...")
     for start in range(0, n * groups, args.batch_size):
         count = min(args.batch_size, n * groups - start)
         batch_labels = labels[start : start + count].to(device) if conditional else None
         tokens, spent = timed_sample(model, count, batch_labels, **options)
-        batches.append(from_tokens(tokens.float().cpu(), layout))
+        batches.append(from_tokens(tokens.float().cpu(), layout, args.griffin_lim_iters))
+        drawn.append(tokens.float().cpu())
         seconds = {k: seconds[k] + spent[k] for k in seconds}
     generated = torch.cat(batches)
     samples = dequantise(quantise(generated, layout), layout)  # what the PNG or WAV files hold
     result = scores(classifier, samples, labels, real, splits, device, real_labels)
+    if layout.get("tokens") == "mel":  # what a perfect model of these tokens would score, heard through the vocoder
+        vocoded = from_tokens(to_tokens(real, layout), layout, args.griffin_lim_iters)
+        result.update(through_the_vocoder(classifier, dequantise(quantise(vocoded, layout), layout), real, splits,
+                                          device, real_labels))
     if args.bpd_examples:
         bpd = lambda order: held_out_bpd(model, test_set, layout, config.num_classes,  # noqa: E731
                                          args.bpd_examples, args.batch_size, device, order)
@@ -322,6 +342,7 @@ def main(argv=None):
         if config.order == "random":  # the any-order model's bound: the average over random orders
             result["bpd_random_orders"], result["bpd_random_orders_stderr"] = bpd("random")
     result.update(checkpoint=os.path.abspath(args.ckpt), step=ckpt.get("step"), dataset=source["name"],
+                  tokens=layout.get("tokens", layout["kind"]), griffin_lim_iters=args.griffin_lim_iters,
                   data=source["root"], samples=n * groups, per_class=n if conditional else None,
                   classifier=classifier_path, classifier_accuracy=classifier_accuracy, seed=args.seed,
                   sampling_s=seconds["total"], head_share=seconds["head"] / seconds["total"], **options)
@@ -330,7 +351,8 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if args.out:
-        save_samples_npz(os.path.join(args.out, "samples.npz"), generated, layout, labels, class_names)
+        npz = os.path.join(args.out, "samples.npz")
+        save_samples_npz(npz, generated, layout, labels, class_names, torch.cat(drawn))
         if layout["kind"] == "image":
             save_image_grid(generated, os.path.join(args.out, "samples.png"), nrow=min(n, 10) if conditional else 10)
 
@@ -355,6 +377,12 @@ def report(r):
         ("mean Fréchet distance / mean floor", f"{mean_ratio:.2f}x", "1x"),
         ("classifier score (IS-like, at most the classes)", f"{r['score']:.2f}", f"{r['score_real']:.2f}"),
     ]
+    vocoded = "vocoded_accuracy" in r  # a mel-token model: the real clips through the vocoder, a third column
+    if vocoded:
+        over = lambda fd, floor: f"{fd / floor:.2f}x" if floor > 0 else "inf"  # noqa: E731
+        column = [accuracy(r["vocoded_accuracy"]), f"{r['vocoded_fd']:.2f}", over(r["vocoded_fd"], r["fd_floor"]),
+                  f"{r['vocoded_fd_mean']:.2f}", over(r["vocoded_fd_mean"], r["fd_floor_mean"]), "n/a"]
+        rows = [row + (extra,) for row, extra in zip(rows, column)]
     width = max(len(row[0]) for row in rows)
     lines = [
         f"evaluate: {r['checkpoint']} (step {r['step']}), {r['dataset']} in {r['data']}",
@@ -364,11 +392,14 @@ def report(r):
         f"cfg {r['cfg_scale']:g}{' ramped' if r['cfg_ramp'] else ''}, seed {r['seed']}: {r['sampling_s']:.1f} s, "
         f"diffusion head {100 * r['head_share']:.0f}%",
         "",
-        f"| {'metric':<{width}} | samples | real (held-out) |",
-        f"|{'-' * (width + 2)}|--------:|----------------:|",
+        f"| {'metric':<{width}} | samples | real (held-out) |" + (" real through the vocoder |" if vocoded else ""),
+        f"|{'-' * (width + 2)}|--------:|----------------:|" + ("-------------------------:|" if vocoded else ""),
     ]
-    lines += [f"| {name:<{width}} | {a:>7} | {b:>15} |" for name, a, b in rows]
-    lines += ["", f"held-out bits/dim (upper bound): {bpd}"]
+    lines += ["".join([f"| {row[0]:<{width}} | {row[1]:>7} | {row[2]:>15} |"] + [f" {c:>24} |" for c in row[3:]])
+              for row in rows]
+    unit = ("bits per 8-bit mel value (not comparable with a waveform model's bits)" if r.get("tokens") == "mel"
+            else "bits/dim")
+    lines += ["", f"held-out {unit} (upper bound): {bpd}"]
     return "\n".join(lines)
 
 

@@ -17,7 +17,8 @@ import torch
 from PIL import Image, ImageOps
 
 # ----------------------------------------------------------------------------------------------
-# Token layouts: images as p x p patches in raster order, audio as mu-law companded waveform chunks.
+# Token layouts: images as p x p patches in raster order; audio as log-mel frames (a Griffin-Lim vocoder
+# makes them sound again) or as mu-law companded waveform chunks.
 
 
 def image_layout(channels=3, height=32, width=32, patch=4):
@@ -25,7 +26,22 @@ def image_layout(channels=3, height=32, width=32, patch=4):
 
 
 def audio_layout(sample_rate=16000, length=16000, chunk=160, mu=255.0):
-    return dict(kind="audio", sample_rate=sample_rate, length=length, chunk=chunk, mu=mu)
+    """Waveform tokens: `chunk` mu-law companded samples each."""
+    return dict(kind="audio", tokens="wave", sample_rate=sample_rate, length=length, chunk=chunk, mu=mu)
+
+
+def mel_layout(sample_rate=16000, length=16000, n_fft=1024, hop=256, bands=80, frames=1, low=-12.0, high=11.0):
+    """Log-mel tokens: `frames` frames of `bands` log-mel power values each (FFT n_fft, hop samples apart),
+    ln(power) mapped from [low, high] onto [-1, 1] (fixed bounds, so every clip is scaled alike). The bounds: 5% of
+    the values of Speech Commands keywords lie below -13 (quiet is quiet), the loudest reach 10.8, a full-scale
+    sine 11."""
+    return dict(kind="audio", tokens="mel", sample_rate=sample_rate, length=length, n_fft=n_fft, hop=hop, bands=bands,
+                frames=frames, low=low, high=high)
+
+
+def mel_frames(layout):
+    """Frames of a clip's spectrogram (centred windows: one per hop, and one more)."""
+    return layout["length"] // layout["hop"] + 1
 
 
 def layout_shape(layout):
@@ -33,7 +49,14 @@ def layout_shape(layout):
     if layout["kind"] == "image":
         p = layout["patch"]
         return layout["height"] * layout["width"] // p**2, p * p * layout["channels"]
+    if layout["tokens"] == "mel":
+        return math.ceil(mel_frames(layout) / layout["frames"]), layout["frames"] * layout["bands"]
     return layout["length"] // layout["chunk"], layout["chunk"]
+
+
+def samples_per_token(layout):
+    """How many waveform samples one audio token stands for."""
+    return layout["hop"] * layout["frames"] if layout["tokens"] == "mel" else layout["chunk"]
 
 
 def patchify(images, p):
@@ -60,27 +83,75 @@ def mu_law_inverse(y, mu=255.0):
     return torch.sign(y) * torch.expm1(y.abs() * math.log1p(mu)) / mu
 
 
+def mel_filters(layout, device):
+    import torchaudio
+
+    return torchaudio.transforms.MelSpectrogram(layout["sample_rate"], n_fft=layout["n_fft"], hop_length=layout["hop"],
+                                                n_mels=layout["bands"], power=2.0).to(device)
+
+
+def log_mel_tokens(waveforms, layout):
+    """Waveforms (B, N) -> (B, L, frames * bands): ln of the mel power spectrogram, [low, high] -> [-1, 1],
+    the last token padded with silence (-1) to whole tokens."""
+    mel = mel_filters(layout, waveforms.device)(waveforms.float())  # (B, bands, T)
+    low, high = layout["low"], layout["high"]
+    x = ((mel.clamp(min=math.exp(low)).log() - low) / (high - low) * 2 - 1).clamp(-1, 1)
+    L, D = layout_shape(layout)
+    x = torch.nn.functional.pad(x, (0, L * layout["frames"] - x.shape[-1]), value=-1.0)
+    return x.transpose(1, 2).reshape(len(x), L, D)
+
+
+GRIFFIN_LIM_ITERS = 64  # the vocoder's iterations (sample.py and evaluate.py: --griffin-lim-iters)
+
+
+def vocode(tokens, layout, iters=GRIFFIN_LIM_ITERS):
+    """Log-mel tokens (B, L, D) -> waveforms (B, N): the mel power back to a linear spectrogram (least squares,
+    torchaudio's InverseMelScale), then Griffin-Lim finds a phase for it, from zero phase (so: deterministic)."""
+    import torchaudio
+
+    low, high = layout["low"], layout["high"]
+    x = tokens.float().reshape(len(tokens), -1, layout["bands"])[:, : mel_frames(layout)].transpose(1, 2)
+    power = ((x.clamp(-1, 1) + 1) / 2 * (high - low) + low).exp()  # (B, bands, T)
+    n_stft = layout["n_fft"] // 2 + 1
+    linear = torchaudio.transforms.InverseMelScale(n_stft, layout["bands"], layout["sample_rate"]).to(x.device)(power)
+    griffin_lim = torchaudio.transforms.GriffinLim(layout["n_fft"], n_iter=iters, hop_length=layout["hop"], power=2.0,
+                                                   length=layout["length"], rand_init=False).to(x.device)
+    return griffin_lim(linear).clamp(-1, 1)
+
+
 def to_tokens(x, layout):
     """Images (B, C, H, W) in [-1, 1] or waveforms (B, N) in [-1, 1] -> tokens (B, L, D)."""
     if layout["kind"] == "image":
         return patchify(x, layout["patch"])
+    if layout["tokens"] == "mel":
+        return log_mel_tokens(x, layout)
     return mu_law(x, layout["mu"]).view(x.shape[0], -1, layout["chunk"])
 
 
-def from_tokens(tokens, layout):
-    """Inverse of to_tokens; generated values are clamped to [-1, 1]."""
+def from_tokens(tokens, layout, griffin_lim_iters=GRIFFIN_LIM_ITERS):
+    """Inverse of to_tokens (for mel tokens: the vocoder); generated values are clamped to [-1, 1]."""
     tokens = tokens.clamp(-1, 1)
     if layout["kind"] == "image":
         return unpatchify(tokens, layout["patch"], layout["channels"], layout["height"], layout["width"])
+    if layout["tokens"] == "mel":
+        return vocode(tokens, layout, griffin_lim_iters)
     return mu_law_inverse(tokens.reshape(tokens.shape[0], -1), layout["mu"])
+
+
+def mel_levels(tokens, layout):
+    """Mel tokens moved to the nearest of 256 levels on [-1, 1], what their bits are counted for; others unchanged."""
+    if layout["kind"] == "audio" and layout["tokens"] == "mel":
+        return ((tokens.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    return tokens
 
 
 def quantisation_bins(tokens, layout):
     """The bin [lo, hi] in token space of each value's quantisation level: 8-bit pixels scaled to [-1, 1]
-    (width 2/255), or 16-bit samples x = k/32768 mapped through mu-law. The outermost bins reach to -inf
-    and +inf, so the bins cover the line and their probabilities sum to one."""
-    tokens = tokens.double()
-    if layout["kind"] == "image":
+    (width 2/255), mel values quantised alike to 256 levels (so their bound is in bits per 8-bit mel value), or
+    16-bit samples x = k/32768 mapped through mu-law. The outermost bins reach to -inf and +inf, so the bins
+    cover the line and their probabilities sum to one."""
+    tokens = mel_levels(tokens.double(), layout)
+    if layout["kind"] == "image" or layout["tokens"] == "mel":
         half = torch.full_like(tokens, 1 / 255)
         lo, hi = tokens - half, tokens + half
         return lo.masked_fill(tokens < -1 + 1e-6, -math.inf), hi.masked_fill(tokens > 1 - 1e-6, math.inf)
@@ -135,13 +206,16 @@ def dequantise(array, layout):
     return x / 32768
 
 
-def save_samples_npz(path, x, layout, labels, class_names):
+def save_samples_npz(path, x, layout, labels, class_names, tokens=None):
     """Raw samples for external metrics (torch-fidelity, clean-fid, ...): `images` uint8 (N, H, W, C) or
-    `waveforms` int16 (N, L), `labels` (N,) (-1 when unconditional) and `class_names`."""
+    `waveforms` int16 (N, L), `labels` (N,) (-1 when unconditional) and `class_names`; for a mel-token model also
+    `mel_tokens` float32 (N, L, D), what the model drew before the vocoder."""
     key = "images" if layout["kind"] == "image" else "waveforms"
     labels = np.full(len(x), -1) if labels is None else np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
     names = np.array(list(class_names), dtype=str)
-    np.savez(path, **{key: quantise(x, layout)}, labels=labels.astype(np.int64), class_names=names)
+    mel = tokens is not None and layout.get("tokens") == "mel"
+    extra = {"mel_tokens": tokens.float().cpu().numpy()} if mel else {}
+    np.savez(path, **{key: quantise(x, layout)}, labels=labels.astype(np.int64), class_names=names, **extra)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ import os
 import torch
 
 from media import from_tokens, layout_shape, load_image, prepare_clip, read_wav, save_image_grid, save_spectrograms
-from media import MASKS, region_to_generate, save_samples_npz, to_tokens, write_wav
-from trainer import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail
-from trainer import check_writable, compile_head, load_checkpoint, number, pick_device, run, sampling_options
-from trainer import timed_sample
+from media import MASKS, region_to_generate, samples_per_token, save_samples_npz, to_tokens, write_wav
+from cli import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail
+from cli import check_writable, compile_head, load_checkpoint, number, pick_device, run, sampling_options
+from cli import timed_sample
 
 
 def parse_args(argv=None):
@@ -98,10 +98,10 @@ def audio_prompt(path, layout, keep):
     seconds = waveform.shape[1] / rate
     if keep > seconds:
         fail(f"--prompt {path} lasts {seconds:.3f} s, shorter than --keep {keep:g} s")
-    kept = int(keep * rate_out) // layout["chunk"]
+    kept = int(keep * rate_out) // samples_per_token(layout)
     seq_len = layout_shape(layout)[0]
     if not 0 < kept < seq_len:
-        chunk_s = layout["chunk"] / rate_out
+        chunk_s = samples_per_token(layout) / rate_out
         fail(f"--keep {keep:g} s keeps {kept} chunks of {chunk_s:g} s; keep at least one and less than the "
              f"{length / rate_out:g} s clip")
     return clip, kept
@@ -152,7 +152,7 @@ def main(argv=None):
     kind = layout["kind"]
     model = compile_head(model) if args.compile else model
     n = args.n or (10 if kind == "image" else 1)
-    options = sampling_options(args, config)
+    options = sampling_options(args, config, ckpt["sampling"])
     classes, row_names = pick_classes(args, config, ckpt["class_names"])
     full_prompt, keep, prefix = known_tokens(args, layout, config)
     count = n * len(classes)
@@ -171,14 +171,15 @@ def main(argv=None):
           f"{total / count:.3f} s/sample, {count * (config.seq_len - kept) / total:.0f} tokens/s; "
           f"backbone {100 * seconds['backbone'] / total:.0f}%, diffusion head {100 * seconds['head'] / total:.0f}%")
 
-    samples = from_tokens(tokens.float().cpu(), layout)
+    samples = from_tokens(tokens.float().cpu(), layout, args.griffin_lim_iters)
     all_names = ckpt["class_names"] or [str(c) for c in range(config.num_classes)]  # what the labels index
-    save_samples_npz(os.path.join(out, "samples.npz"), samples, layout, labels, all_names)
-    masked = None if full_prompt is None else full_prompt * keep[None, :, None]  # 0 (grey, silence) where generated
+    save_samples_npz(os.path.join(out, "samples.npz"), samples, layout, labels, all_names, tokens.float().cpu())
+    blank = -1.0 if layout.get("tokens") == "mel" else 0.0  # grey, or silence, where generated
+    masked = None if full_prompt is None else torch.where(keep[None, :, None], full_prompt, blank)
     if kind == "image":
         save_images(samples, masked, layout, n, len(classes), out)
     else:
-        save_audio(samples, masked, prefix, layout, n, row_names, out)
+        save_audio(samples, masked, prefix, layout, n, row_names, out, args.griffin_lim_iters)
 
 
 def save_images(images, masked, layout, n, rows, out):
@@ -194,16 +195,16 @@ def save_images(images, masked, layout, n, rows, out):
     print(f"wrote {path}")
 
 
-def save_audio(waves, masked, prefix, layout, n, row_names, out):
+def save_audio(waves, masked, prefix, layout, n, row_names, out, griffin_lim_iters):
     """One WAV per sample, named after its class, and their spectrograms, after the prompt's: prompt.wav holds
     what is kept of it (its first --keep seconds, or the whole clip with the --mask region silent)."""
     rate = layout["sample_rate"]
     names = [f"{name}_{k}" for name in row_names for k in range(n)]
     panels, titles = [], []
     if masked is not None:
-        kept = from_tokens(masked, layout)[0]
+        kept = from_tokens(masked, layout, griffin_lim_iters)[0]
         if prefix is not None:
-            kept = kept[: prefix * layout["chunk"]]
+            kept = kept[: prefix * samples_per_token(layout)]
         write_wav(os.path.join(out, "prompt.wav"), kept, rate)
         panels.append(kept), titles.append("prompt (what is kept)")
     for name, waveform in zip(names, waves):

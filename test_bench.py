@@ -12,7 +12,7 @@ import torch
 import bench
 from adr import ADR, SIZES, ADRConfig
 from conftest import HERE
-from trainer import SAMPLING
+from cli import GUIDANCE, SAMPLING
 
 GENERATION_COLUMNS = [
     "P",
@@ -103,7 +103,7 @@ def test_quick_run_reports_every_row_and_column(tmp_path):
     e2e = figures["sampling"]
     assert e2e["backbone_s"] > 0 and e2e["head_s"] > 0 and e2e["other_s"] > 0
     assert e2e["backbone_s"] + e2e["head_s"] < e2e["total_s"]
-    assert e2e["sampler"] == SAMPLING["sampler"] and e2e["cfg_scale"] == SAMPLING["cfg_scale"]  # the defaults
+    assert e2e["sampler"] == SAMPLING["sampler"] and e2e["cfg_scale"] == GUIDANCE["image"]["cfg_scale"]  # the defaults
 
 
 def test_kv_cache_step_matches_full_causal_attention():
@@ -185,7 +185,7 @@ def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
 
 
 def test_compile_without_a_cpp_compiler_is_refused_before_any_work(capsys, monkeypatch):
-    monkeypatch.setattr("trainer.cpp_compiler_found", lambda: False)
+    monkeypatch.setattr("cli.cpp_compiler_found", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--quick", "--compile"])  # bench runs on the CPU unless told otherwise
     err = capsys.readouterr().err

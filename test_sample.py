@@ -11,16 +11,17 @@ import torch
 from PIL import Image
 
 import adr
+import cli
 import sample
-import trainer
 from adr import ADR, SIZES, ADRConfig
-from media import audio_layout, image_layout, layout_shape
-from trainer import SAMPLING, load_checkpoint, save_checkpoint
+from media import audio_layout, image_layout, layout_shape, mel_layout, to_tokens
+from cli import GUIDANCE, SAMPLING, load_checkpoint, save_checkpoint
 
 IMAGE = image_layout(channels=3, height=8, width=8, patch=2)  # 16 tokens of 12 values
 
 
 AUDIO = audio_layout(sample_rate=800, length=800, chunk=50)  # 1 s: 16 tokens of 50 samples
+MEL = mel_layout(sample_rate=4000, length=4000, n_fft=256, hop=64, bands=16, frames=2)  # 1 s: 32 tokens of 2 frames
 
 
 def make_checkpoint(path, layout, class_names, order="raster"):
@@ -46,6 +47,8 @@ def ckpts(tmp_path_factory):
         unconditional=make_checkpoint(folder / "unconditional.pt", IMAGE, []),
         any_order=make_checkpoint(folder / "any_order.pt", IMAGE, ["cat", "dog", "ship"], order="random"),
         any_order_audio=make_checkpoint(folder / "any_order_audio.pt", AUDIO, ["yes", "no"], order="random"),
+        mel=make_checkpoint(folder / "mel.pt", MEL, ["yes", "no"]),
+        any_order_mel=make_checkpoint(folder / "any_order_mel.pt", MEL, ["yes", "no"], order="random"),
     )
 
 
@@ -97,8 +100,8 @@ def test_image_grid_has_a_row_per_class_and_timing(ckpts, tmp_path, capsys):
     out = capsys.readouterr().out
     assert (
         "sampled 12 images of 16 tokens" in out
-        and f"(recurrent mode, {SAMPLING['sampler']}, 3 steps, cfg {SAMPLING['cfg_scale']:g}"
-        f"{' ramped' * SAMPLING['cfg_ramp']})" in out
+        and f"(recurrent mode, {SAMPLING['sampler']}, 3 steps, cfg {GUIDANCE['image']['cfg_scale']:g}"
+        f"{' ramped' * GUIDANCE['image']['cfg_ramp']})" in out
         and "s/sample" in out
         and "tokens/s" in out
     )
@@ -131,7 +134,7 @@ def test_modes_agree_in_float64_and_a_broken_mode_is_caught(ckpts, monkeypatch, 
 
     def draw(mode):
         torch.manual_seed(3)
-        return trainer.timed_sample(model, 4, labels, prompt=prompt, steps=3, cfg_scale=cfg_scale, mode=mode)[0]
+        return cli.timed_sample(model, 4, labels, prompt=prompt, steps=3, cfg_scale=cfg_scale, mode=mode)[0]
 
     recurrent, parallel = draw("recurrent"), draw("parallel")
     scale = parallel.abs().max()
@@ -208,7 +211,7 @@ def fails_with(capsys, ckpt, out, message, *flags):
 
 
 def test_compile_without_a_cpp_compiler_fails_in_one_line(ckpts, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("trainer.cpp_compiler_found", lambda: False)
+    monkeypatch.setattr("cli.cpp_compiler_found", lambda: False)
     fails_with(capsys, ckpts["image"], tmp_path, "no C++ compiler (g++) was found here", "--compile")
 
 
@@ -387,7 +390,62 @@ def test_a_compiled_head_gives_the_same_samples(ckpts):
     labels = torch.tensor([0, 2])
     torch.manual_seed(0)
     plain = model.sample(2, labels, steps=3, cfg_scale=2.0)
-    trainer.compile_head(model, backend="eager")
+    cli.compile_head(model, backend="eager")
     torch.manual_seed(0)
     compiled = model.sample(2, labels, steps=3, cfg_scale=2.0)
     assert type(model.head.net).__name__ == "OptimizedModule" and torch.allclose(plain, compiled, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mel-token models: the checkpoint holds the layout, so it decodes itself
+
+
+def mel_prompt(path):
+    """A 1 s clip at the mel model's rate, a glide from 300 to 900 Hz, written as 16-bit PCM."""
+    t = np.arange(4000) / 4000
+    clip = (0.4 * np.sin(2 * np.pi * (300 * t + 300 * t**2)) * 32768).astype(int)
+    write_mono_pcm(path, clip, 4000)
+    return clip
+
+
+def test_a_mel_checkpoint_decodes_itself(ckpts, tmp_path):
+    run_sample(ckpts["mel"], tmp_path, "--n", "2", "--griffin-lim-iters", "4")
+    saved = np.load(tmp_path / "samples.npz")
+    assert saved["waveforms"].shape == (4, 4000) and saved["mel_tokens"].shape == (4, 32, 32)
+    assert np.isfinite(saved["mel_tokens"]).all() and np.abs(saved["mel_tokens"]).max() > 0
+    for name in ("yes_0.wav", "yes_1.wav", "no_0.wav", "no_1.wav"):
+        samples, rate, channels, width = read_pcm(tmp_path / name)
+        assert (rate, channels, width, len(samples)) == (4000, 1, 2, 4000)
+    assert (tmp_path / "spectrograms.png").exists()
+
+
+def test_a_mel_prompt_keeps_its_frames(ckpts, tmp_path):
+    """--keep 0.3 s keeps whole tokens (2 frames of 64 samples: 9 tokens); the generated frames differ."""
+    clip = mel_prompt(tmp_path / "prompt.wav")
+    run_sample(ckpts["mel"], tmp_path / "out", "--class", "no", "--n", "2", "--prompt", str(tmp_path / "prompt.wav"),
+               "--keep", "0.3", "--griffin-lim-iters", "4")
+    known = to_tokens(torch.tensor(clip / 32768, dtype=torch.float32)[None], MEL)[0].numpy()
+    drawn = np.load(tmp_path / "out" / "samples.npz")["mel_tokens"]
+    assert np.abs(drawn[:, :9] - known[:9]).max() < 1e-5 and np.abs(drawn[:, 9:] - known[9:]).max() > 0.1
+    kept, rate, _, _ = read_pcm(tmp_path / "out" / "prompt.wav")
+    assert rate == 4000 and len(kept) == 9 * 128
+
+
+def test_a_mel_gap_is_filled(ckpts, tmp_path):
+    clip = mel_prompt(tmp_path / "prompt.wav")
+    run_sample(ckpts["any_order_mel"], tmp_path / "out", "--class", "yes", "--prompt", str(tmp_path / "prompt.wav"),
+               "--mask", "center", "--griffin-lim-iters", "4")
+    known = to_tokens(torch.tensor(clip / 32768, dtype=torch.float32)[None], MEL)[0].numpy()
+    drawn = np.load(tmp_path / "out" / "samples.npz")["mel_tokens"][0]
+    outside = np.r_[0:8, 24:32]  # "center" generates the middle half of the clip's 32 tokens
+    assert np.abs(drawn[outside] - known[outside]).max() < 1e-5 and np.abs(drawn[8:24] - known[8:24]).max() > 0.1
+
+
+def test_the_checkpoint_says_which_guidance_to_use(ckpts, tmp_path, capsys):
+    ckpt = torch.load(ckpts["image"], weights_only=True)
+    ckpt["sampling"].update(cfg_scale=2.0, cfg_ramp=False)
+    torch.save(ckpt, tmp_path / "flat.pt")
+    run_sample(str(tmp_path / "flat.pt"), tmp_path / "out", "--n", "1")
+    assert ", 3 steps, cfg 2)" in capsys.readouterr().out
+    run_sample(str(tmp_path / "flat.pt"), tmp_path / "out", "--n", "1", "--cfg", "3", "--cfg-ramp")
+    assert ", 3 steps, cfg 3 ramped)" in capsys.readouterr().out

@@ -3,12 +3,10 @@
 import inspect
 import math
 import os
-import pickle
 import signal
 import subprocess
 import sys
 import time
-import warnings
 import wave
 from types import SimpleNamespace
 
@@ -17,6 +15,7 @@ import torch
 from PIL import Image
 
 import adr
+import cli
 import data
 import media
 import train_audio
@@ -25,10 +24,8 @@ import trainer
 from conftest import (
     HERE,
     layout_bpd,
-    randomise_head,
     read_log,
     run_script,
-    tiny_model,
     write_constant,
     write_mnist,
     write_pcm,
@@ -37,57 +34,6 @@ from conftest import (
 LAYOUT = media.image_layout()
 
 
-def test_checkpoint_roundtrip_gives_identical_samples(tmp_path):
-    model = randomise_head(tiny_model().eval())
-    ema = randomise_head(tiny_model(seed=1).eval())
-    path = tmp_path / "ckpt.pt"
-    trainer.save_checkpoint(path, model, media.image_layout(), ["a", "b", "c"], ema=ema, step=12)
-    assert not os.path.exists(f"{path}.tmp")
-    for use_ema, source in ((False, model), (True, ema)):
-        loaded, ckpt = trainer.load_checkpoint(path, use_ema=use_ema)
-        assert ckpt["step"] == 12 and ckpt["class_names"] == ["a", "b", "c"] and ckpt["layout"]["kind"] == "image"
-        torch.manual_seed(0)
-        a = source.sample(2, torch.tensor([0, 1]), steps=3)
-        torch.manual_seed(0)
-        b = loaded.sample(2, torch.tensor([0, 1]), steps=3)
-        assert torch.equal(a, b)
-
-
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > pwned.txt",))
-
-
-@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
-@pytest.mark.parametrize("container", ["zip", "plain pickle"])
-def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch, protocol, container):
-    """Refused before anything runs, for the right reason, and without torch's warnings about the protocol."""
-    monkeypatch.chdir(tmp_path)
-    payload = {"format": trainer.CHECKPOINT_FORMAT, "payload": RunsCode()}
-    if container == "zip":
-        torch.save(payload, tmp_path / "evil.pt", pickle_protocol=protocol)
-    else:
-        (tmp_path / "evil.pt").write_bytes(pickle.dumps(payload, protocol=protocol))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with pytest.raises(trainer.CheckpointError, match="would call (os|posix).system, refused for safety"):
-            trainer.load_checkpoint(tmp_path / "evil.pt")
-    assert not (tmp_path / "pwned.txt").exists() and not caught
-
-
-def test_wrong_files_give_a_clear_error(tmp_path):
-    (tmp_path / "random.pt").write_bytes(os.urandom(1000))
-    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    ckpt = {"format": trainer.CHECKPOINT_FORMAT, "config": {"no_such_field": 1}, "model": {}}
-    torch.save(ckpt, tmp_path / "future.pt")  # an adr checkpoint this adr.py cannot build
-    for name, message in (
-        ("random.pt", "could not be read"),
-        ("other.pt", "marker"),
-        ("missing.pt", "no checkpoint at"),
-        ("future.pt", "does not match this adr.py"),
-    ):
-        with pytest.raises(trainer.CheckpointError, match=message):
-            trainer.load_checkpoint(tmp_path / name)
 
 
 # a short run: few steps, tiny batches, no warm-up, 2 reverse diffusion steps for the sample grid
@@ -109,17 +55,6 @@ FAST = [
     "--warmup",
     "0",
 ]
-
-
-def test_held_out_examples_span_the_classes():
-    """Test sets are often stored class by class: the held-out subset must not be the first class only."""
-    images = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
-    test_set = data.ImageDataset(images, [0] * 10 + [1] * 10 + [2] * 20, False)
-    batches = lambda: trainer.held_out_batches(test_set, LAYOUT, True, 12, 5, torch.device("cpu"))  # noqa: E731
-    labels = torch.cat([y for _, y in batches()])
-    assert len(labels) == 12 and set(labels.tolist()) == {0, 1, 2}
-    again = torch.cat([y for _, y in batches()])
-    assert torch.equal(labels, again)  # the same examples at every evaluation
 
 
 def test_no_data_offline_gives_one_clear_line(tmp_path):
@@ -158,7 +93,7 @@ def test_smoke_run_then_resume(image_dir, tmp_path):
         assert (out / name).is_file(), name
     with Image.open(out / "samples_000004.png") as grid:  # one row of 10 per class, 32 px + 1 px padding, x4
         assert grid.size == ((10 * 33 + 1) * 4, (2 * 33 + 1) * 4)
-    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    model, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == 4 and ckpt["class_names"] == ["cat", "ship"] and model.config.num_classes == 2
     assert ckpt["optimizer"]["state"][0]["step"].item() == 4
     rows = read_log(out / "log.csv")
@@ -171,7 +106,7 @@ def test_smoke_run_then_resume(image_dir, tmp_path):
         train_image.main(["--steps", "6", *common])
     assert e.value.code == 2
     train_image.main(["--steps", "6", "--resume", *common])
-    _, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    _, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == 6
     assert ckpt["optimizer"]["state"][0]["step"].item() == 6  # the optimizer state went on from step 4
     assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1, 2, 3, 4, 5, 6]
@@ -208,7 +143,7 @@ def test_random_order_training(image_dir, tmp_path):
     out = tmp_path / "run"
     train_image.main(["--image-folder", str(image_dir), "--out", str(out), *FAST, "--steps", "2", "--order", "random",
                       "--sample-steps", "1"])
-    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    model, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert model.config.order == "random" and hasattr(model, "source_emb") and (out / "samples_000002.png").exists()
 
 
@@ -216,7 +151,7 @@ def test_unconditional(image_dir, tmp_path):
     out = tmp_path / "run"
     train_image.main(["--image-folder", str(image_dir), "--out", str(out), *FAST, "--steps", "1", "--unconditional",
                       "--sample-steps", "1"])
-    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    model, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert model.config.num_classes == 0 and ckpt["class_names"] == []
     with Image.open(out / "samples_000001.png") as grid:  # 10 x 10 samples
         assert grid.size == ((10 * 33 + 1) * 4, (10 * 33 + 1) * 4)
@@ -226,7 +161,7 @@ def test_bits_per_dim_bound_for_a_conditional_model(image_dir):
     train_set, test_set, names = data.image_folder_data(str(image_dir), LAYOUT)
     torch.manual_seed(0)
     model = adr.ADR(adr.ADRConfig(token_dim=48, seq_len=64, num_classes=2, **adr.SIZES["tiny"])).eval()
-    mean, stderr = trainer.held_out_bpd(model, test_set, LAYOUT, len(names), 3, 2, torch.device("cpu"))
+    mean, stderr = cli.held_out_bpd(model, test_set, LAYOUT, len(names), 3, 2, torch.device("cpu"))
     with torch.random.fork_rng():  # the same draws as held_out_bpd's, computed directly
         torch.manual_seed(0)
         chosen = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:3].tolist()  # the subset
@@ -294,7 +229,7 @@ def test_compile_without_a_cpp_compiler_fails_in_one_line_before_the_data(tmp_pa
         raise OSError("no g++ on the PATH")  # what torch's search reports, in its own exception type
 
     monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", no_compiler)
-    assert not trainer.cpp_compiler_found()
+    assert not cli.cpp_compiler_found()
     common = ["--dataset", "mnist", "--data", str(tmp_path / "missing_data"), "--size", "tiny", "--device", "cpu"]
     one_line_exit(capsys, train_image.main, [*common, "--out", str(tmp_path / "r"), "--compile"],
                   "--compile on a CPU builds C++ code, and no C++ compiler (g++) was found here")
@@ -308,11 +243,18 @@ def test_a_short_run_warms_up_over_a_tenth_of_it(capsys):
 
 
 def test_training_and_sampling_name_guidance_alike():
-    """--cfg is the guidance of the sample files, the same flag as sample.py's and evaluate.py's."""
+    """--cfg is the guidance of the sample files, the same flag as sample.py's and evaluate.py's; without it the
+    sample files are drawn with their modality's guidance, as sample.py draws the checkpoint."""
     parser = trainer.common_parser("test", "out")
-    assert parser.parse_args(["--cfg", "2"]).cfg == 2.0 and parser.parse_args([]).cfg == trainer.SAMPLING["cfg_scale"]
+    assert parser.parse_args(["--cfg", "2"]).cfg == 2.0 and parser.parse_args([]).cfg is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--cfg-scale", "2"])
+    for kind in ("image", "audio"):
+        options = trainer.sample_file_options(parser.parse_args([]), kind, conditional=True)
+        assert {k: options[k] for k in ("cfg_scale", "cfg_ramp")} == cli.GUIDANCE[kind]
+        options = trainer.sample_file_options(parser.parse_args(["--cfg", "2", "--no-cfg-ramp"]), kind, True)
+        assert (options["cfg_scale"], options["cfg_ramp"]) == (2.0, False)
+        assert trainer.sample_file_options(parser.parse_args([]), kind, conditional=False)["cfg_scale"] == 1.0
 
 
 def test_adr_py_samples_with_the_scripts_chain_by_default():
@@ -320,7 +262,7 @@ def test_adr_py_samples_with_the_scripts_chain_by_default():
     for sample in (adr.ADR.sample, adr.DiffusionHead.sample):
         defaults = {k: p.default for k, p in inspect.signature(sample).parameters.items()}
         assert {k: defaults[k] for k in ("sampler", "steps", "temperature")} == {
-            k: trainer.SAMPLING[k] for k in ("sampler", "steps", "temperature")}
+            k: cli.SAMPLING[k] for k in ("sampler", "steps", "temperature")}
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_dir, tmp_path, monkeypatch, capsys):
@@ -354,7 +296,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_dir, 
     ]
     err = one_line_exit(capsys, train_image.main, argv, "the training loss is nan at step 5", code=1)
     assert "holds the last good one" in err
-    _, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    _, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
@@ -428,7 +370,7 @@ def test_sigint_leaves_a_loadable_checkpoint(image_dir, tmp_path):
         proc.kill()
     assert proc.returncode == 130, stderr
     assert "checkpoint saved" in stdout and "--resume" in stdout and "Traceback" not in stderr
-    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    model, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] >= 2 and ckpt["optimizer"]["state"][0]["step"].item() == ckpt["step"]
 
 
@@ -456,7 +398,7 @@ def test_torchrun_two_processes(image_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "batch 4 x 2 processes = 8 per step" in result.stdout
     assert result.stdout.count("step 3/3 |") == 1  # only rank 0 logs
-    _, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    _, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == 3 and sorted(os.listdir(out)) == ["ckpt.pt", "log.csv", "loss.png", "samples_000003.png"]
 
 
@@ -515,10 +457,10 @@ def test_smoke_run_writes_checkpoint_wavs_and_figures(tmp_path, capsys):
         "cpu",
     ]
     train_audio.main(flags + ["--steps", "2"])
-    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    model, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == 2 and ckpt["class_names"] == ["go", "stop"]
-    assert ckpt["layout"] == dict(kind="audio", sample_rate=16000, length=16000, chunk=160, mu=255.0)
-    assert (model.config.seq_len, model.config.token_dim, model.config.num_classes) == (100, 160, 2)
+    assert ckpt["layout"] == media.mel_layout()  # the default tokens: log-mel frames, the layout in the checkpoint
+    assert (model.config.seq_len, model.config.token_dim, model.config.num_classes) == (63, 80, 2)
     for word in ("go", "stop"):
         with wave.open(str(out / "samples" / "step_000002" / f"{word}.wav")) as f:
             assert (f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()) == (1, 2, 16000, 16000)
@@ -526,8 +468,30 @@ def test_smoke_run_writes_checkpoint_wavs_and_figures(tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "test bits/dim" in capsys.readouterr().out  # the held-out 10th files were evaluated
     train_audio.main(flags + ["--steps", "3", "--resume"])
-    assert trainer.load_checkpoint(str(out / "ckpt.pt"))[1]["step"] == 3
+    assert cli.load_checkpoint(str(out / "ckpt.pt"))[1]["step"] == 3
     assert (out / "samples" / "step_000003" / "stop.wav").exists()
+
+
+def test_wave_tokens_and_the_clip_length(tmp_path, capsys):
+    """--tokens wave keeps the waveform chunks (the layout and shapes of before); --seconds sets the clip length."""
+    make_word_folder(tmp_path / "words")
+    flags = ["--size", "tiny", "--audio-folder", str(tmp_path / "words"), "--batch-size", "4", "--sample-steps", "1",
+             "--eval-examples", "2", "--bpd-examples", "2", "--num-workers", "0", "--device", "cpu", "--steps", "1",
+             "--warmup", "0"]
+    train_audio.main(flags + ["--out", str(tmp_path / "wave"), "--tokens", "wave"])
+    model, ckpt = cli.load_checkpoint(str(tmp_path / "wave" / "ckpt.pt"))
+    assert ckpt["layout"] == dict(kind="audio", tokens="wave", sample_rate=16000, length=16000, chunk=160, mu=255.0)
+    assert (model.config.seq_len, model.config.token_dim) == (100, 160)
+    train_audio.main(flags + ["--out", str(tmp_path / "half"), "--seconds", "0.5"])
+    model, ckpt = cli.load_checkpoint(str(tmp_path / "half" / "ckpt.pt"))
+    assert ckpt["layout"]["length"] == 8000 and (model.config.seq_len, model.config.token_dim) == (32, 80)
+    with wave.open(str(tmp_path / "half" / "samples" / "step_000001" / "go.wav")) as f:
+        assert f.getnframes() == 8000
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_audio.main(flags + ["--out", str(tmp_path / "odd"), "--tokens", "wave", "--seconds", "0.015"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "multiple of 0.01 s" in err, err
 
 
 def test_unconditional_samples_are_numbered(tmp_path):
@@ -551,7 +515,7 @@ def test_a_time_budget_ends_the_run_and_schedules_the_learning_rate(image_dir, t
     train_image.main(["--image-folder", str(image_dir), "--out", str(out), *FAST, "--minutes", "0.03"])
     printed = capsys.readouterr().out
     assert "0.03 minutes at most" in printed and "done:" in printed
-    _, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    _, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] >= 1 and ckpt["elapsed"] >= 1.8 and ckpt["source"]["name"] == "image-folder"
 
 
@@ -559,7 +523,7 @@ def test_model_fields_can_be_changed_from_the_command_line(image_dir, tmp_path, 
     out = tmp_path / "run"
     common = ["--image-folder", str(image_dir), *FAST, "--steps", "1", "--sample-steps", "1"]
     train_image.main([*common, "--out", str(out), "--model", "d_model=32", "diffusion_batch_mul=1", "clip_x0=false"])
-    model, ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"))
+    model, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
     assert (model.config.d_model, model.config.diffusion_batch_mul, model.config.clip_x0) == (32, 1, False)
     assert ckpt["args"]["model"] == ["d_model=32", "diffusion_batch_mul=1", "clip_x0=False"]
     capsys.readouterr()
@@ -587,7 +551,7 @@ def test_patch_size_sets_the_tokens(tmp_path, capsys):
     write_mnist(tmp_path / "data", per_class_train=2, per_class_test=1)
     common = ["--dataset", "mnist", "--data", str(tmp_path / "data"), *FAST, "--steps", "1", "--sample-steps", "1"]
     train_image.main([*common, "--out", str(tmp_path / "run"), "--patch", "7"])
-    model, ckpt = trainer.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    model, ckpt = cli.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert ckpt["layout"]["patch"] == 7 and (model.config.seq_len, model.config.token_dim) == (16, 49)
     one_line_exit(
         capsys,

@@ -30,9 +30,10 @@ import os
 
 import torch
 
+from cli import fail, log, number, run
 from data import CLIP_LENGTH, SAMPLE_RATE, load_dataset
-from media import audio_layout, from_tokens, rms, save_spectrograms, write_wav
-from trainer import Task, check_run, common_parser, log, rank_zero_first, run, setup, train
+from media import audio_layout, from_tokens, mel_layout, rms, save_spectrograms, write_wav
+from trainer import Task, check_run, common_parser, rank_zero_first, sample_file_options, setup, train
 
 
 def first_clip_per_class(dataset, num_classes):
@@ -54,9 +55,7 @@ def sample_writer(args, layout, words, real_set):
     def save_samples(model, out_dir, step):
         device = next(model.parameters()).device
         labels = torch.arange(len(words), device=device) if conditional else None
-        cfg_scale = args.cfg if conditional else 1.0
-        tokens = model.sample(len(names), labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler,
-                              cfg_ramp=args.cfg_ramp)
+        tokens = model.sample(len(names), labels, **sample_file_options(args, "audio", conditional))
         waves = from_tokens(tokens.float(), layout).cpu()
         folder = os.path.join(out_dir, "samples", f"step_{step:06d}")
         os.makedirs(folder, exist_ok=True)
@@ -83,6 +82,10 @@ def main(argv=None):
                         "(sub-folders starting with _ are not words; WAVs of 8/16/24/32-bit PCM or float)")
     parser.add_argument("--words", help="comma-separated classes (default: zero..nine for Speech Commands, every "
                         "sub-folder for --audio-folder)")
+    parser.add_argument("--tokens", choices=["mel", "wave"], default="mel", help="mel: a log-mel frame a token, "
+                        "made audible by a Griffin-Lim vocoder; wave: 10 ms chunks of the mu-law waveform")
+    parser.add_argument("--seconds", type=number(float, 0, low_ok=False, high=60), default=CLIP_LENGTH / SAMPLE_RATE,
+                        help="clip length: clips are padded or trimmed to it")
     args = parser.parse_args(argv)
     setup(args)
     words = [w.strip() for w in args.words.split(",")] if args.words is not None else None
@@ -91,7 +94,13 @@ def main(argv=None):
     else:
         source = dict(name="speech-commands", root=os.path.abspath(args.data), words=words)
     check_run(args, source, "audio")
-    layout = audio_layout(sample_rate=SAMPLE_RATE, length=CLIP_LENGTH, chunk=160, mu=255.0)
+    length = round(args.seconds * SAMPLE_RATE)
+    if args.tokens == "mel":
+        layout = mel_layout(sample_rate=SAMPLE_RATE, length=length)
+    elif length % 160:
+        fail(f"--seconds {args.seconds:g}: --tokens wave cuts clips into 10 ms chunks; give a multiple of 0.01 s")
+    else:
+        layout = audio_layout(sample_rate=SAMPLE_RATE, length=length, chunk=160, mu=255.0)
     train_set, test_set, words = rank_zero_first(args, lambda: load_dataset(source, layout))
     source["words"] = words  # the classes, in label order, as evaluate.py must read them again
     save_samples = sample_writer(args, layout, words, test_set if test_set is not None else train_set)

@@ -15,9 +15,10 @@ import os
 
 import torch
 
+from cli import fail, log, number, run
 from data import IMAGE_DATASETS, default_image_layout, load_dataset
 from media import from_tokens, save_image_grid
-from trainer import Task, check_run, common_parser, fail, log, number, rank_zero_first, run, setup, train
+from trainer import Task, check_run, common_parser, rank_zero_first, sample_file_options, setup, train
 
 
 def sample_grid_writer(args, layout, class_names, per_row=10):
@@ -27,9 +28,7 @@ def sample_grid_writer(args, layout, class_names, per_row=10):
         device = model.pos_emb.device
         labels = torch.arange(len(class_names), device=device).repeat_interleave(per_row) if class_names else None
         n = len(labels) if class_names else per_row * per_row
-        cfg_scale = args.cfg if class_names else 1.0
-        tokens = model.sample(n, labels, steps=args.sample_steps, cfg_scale=cfg_scale, sampler=args.sampler,
-                              cfg_ramp=args.cfg_ramp)
+        tokens = model.sample(n, labels, **sample_file_options(args, "image", bool(class_names)))
         path = os.path.join(out_dir, f"samples_{step:06d}.png")
         save_image_grid(from_tokens(tokens.float(), layout), path, nrow=per_row)
         log(f"samples: {path}" + (f" (rows: {', '.join(class_names)})" if class_names else ""))
