@@ -136,13 +136,8 @@ def format_time(seconds):
 # "The head's reverse chain"): on MNIST as accurate as 100 DDPM steps, on CIFAR-10 and speech nearer the data.
 SAMPLING = dict(sampler="dpm++sde", steps=30, temperature=1.0)
 # Classifier-free guidance by modality, chosen with evaluate.py (RESULTS.md, "The class condition"). A checkpoint
-# keeps the defaults of its modality (its "sampling" entry), so sample.py and evaluate.py use them without flags.
+# keeps the guidance of its modality (its "sampling" entry), so sample.py and evaluate.py use it without flags.
 GUIDANCE = {"image": dict(cfg_scale=3.5, cfg_ramp=True), "audio": dict(cfg_scale=3.5, cfg_ramp=True)}
-
-
-def sampling_defaults(kind):
-    """The sampling settings a model of this modality ("image" or "audio") is drawn with unless flags say otherwise."""
-    return {**SAMPLING, **GUIDANCE[kind]}
 
 
 def add_sampling_flags(p):
@@ -165,14 +160,22 @@ def add_sampling_flags(p):
                    "asked for from the same state (needs a model trained with --order random; default: 1)")
     p.add_argument("--order", choices=["raster", "random"], default=None,
                    help="the order of the tokens to generate (default: the order the model was trained in)")
-    p.add_argument("--griffin-lim-iters", type=number(int, 1), default=GRIFFIN_LIM_ITERS, help="iterations of the "
-                   f"Griffin-Lim vocoder that makes a mel-token model's samples audible (default: {GRIFFIN_LIM_ITERS})")
+    p.add_argument("--griffin-lim-iters", type=number(int, 1), default=None, help="iterations of the Griffin-Lim "
+                   f"vocoder that makes a mel-token model's samples audible (default: {GRIFFIN_LIM_ITERS})")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them (default: yes)")
     p.add_argument("--compile", action="store_true", help="torch.compile the diffusion head's denoiser (CUDA graphs "
                    "on a GPU, where its small steps wait on kernel launches; on a CPU it needs a C++ compiler and "
                    "gains little, the head's matrix products being the cost)")
+
+
+def vocoder_iterations(args, layout):
+    """--griffin-lim-iters, for a model of mel tokens (the only ones that need a vocoder)."""
+    if args.griffin_lim_iters is not None and layout.get("tokens") != "mel":
+        fail(f"--griffin-lim-iters {args.griffin_lim_iters}: only a model of mel tokens needs a vocoder, and this one "
+             f"makes {'images' if layout['kind'] == 'image' else 'waveform tokens'}")
+    return args.griffin_lim_iters or GRIFFIN_LIM_ITERS
 
 
 def sampling_options(args, config, defaults):
@@ -213,7 +216,7 @@ def save_checkpoint(path, model, layout, class_names=None, ema=None, **extra):
     """Write atomically (temporary file, then rename): an interrupted save never leaves a broken file.
     `extra` holds plain values or tensors (optimizer state, step, ...)."""
     state = dict(format=CHECKPOINT_FORMAT, config=asdict(model.config), model=model.state_dict(), layout=layout,
-                 class_names=list(class_names or []), sampling=sampling_defaults(layout["kind"]), **extra)
+                 class_names=list(class_names or []), sampling=dict(GUIDANCE[layout["kind"]]), **extra)
     if ema is not None:
         state["ema"] = ema.state_dict()
     tmp = f"{path}.tmp"
@@ -301,7 +304,6 @@ def check_writable_file(path, flag):
 # Held-out bits/dim: the same random subset of the test set at every use, with fixed noise
 
 
-
 @contextmanager
 def fixed_seed(device, seed=0):
     """The same random draws inside the block at every use (so evaluations and sample grids compare
@@ -319,7 +321,6 @@ def held_out_batches(test_set, layout, conditional, count, batch_size, device):
         x, y = zip(*(test_set[i] for i in chosen[start : start + batch_size]))
         labels = torch.tensor(y, device=device) if conditional else None
         yield to_tokens(torch.stack(x).to(device), layout), labels
-
 
 
 def held_out_bpd(model, test_set, layout, num_classes, count, batch_size, device, order="raster"):
@@ -387,4 +388,3 @@ def timed_sample(model, n, labels=None, **options):
     finally:  # unwrap: the instance attributes go, the methods show through again
         del model.backbone, model.head.sample
     return tokens, {name: clock.seconds for name, clock in clocks.items()}
-

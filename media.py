@@ -7,6 +7,7 @@ torchvision, torchaudio and matplotlib are imported inside the functions that ne
 sampling an image model never imports torchaudio.
 """
 
+import functools
 import math
 import os
 import struct
@@ -84,10 +85,16 @@ def mu_law_inverse(y, mu=255.0):
 
 
 def mel_filters(layout, device):
+    """torchaudio's MelSpectrogram (power) for a mel layout, built once per layout and device."""
+    return cached_mel_filters(layout["sample_rate"], layout["n_fft"], layout["hop"], layout["bands"], str(device))
+
+
+@functools.lru_cache(maxsize=8)
+def cached_mel_filters(sample_rate, n_fft, hop, bands, device):
     import torchaudio
 
-    return torchaudio.transforms.MelSpectrogram(layout["sample_rate"], n_fft=layout["n_fft"], hop_length=layout["hop"],
-                                                n_mels=layout["bands"], power=2.0).to(device)
+    return torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=hop, n_mels=bands,
+                                                power=2.0).to(device)
 
 
 def log_mel_tokens(waveforms, layout):

@@ -23,11 +23,11 @@ import os
 
 import torch
 
-from media import from_tokens, layout_shape, load_image, prepare_clip, read_wav, save_image_grid, save_spectrograms
-from media import MASKS, region_to_generate, samples_per_token, save_samples_npz, to_tokens, write_wav
 from cli import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail
 from cli import check_writable, compile_head, load_checkpoint, number, pick_device, run, sampling_options
-from cli import timed_sample
+from cli import timed_sample, vocoder_iterations
+from media import from_tokens, layout_shape, load_image, prepare_clip, read_wav, save_image_grid, save_spectrograms
+from media import MASKS, region_to_generate, samples_per_token, save_samples_npz, to_tokens, write_wav
 
 
 def parse_args(argv=None):
@@ -125,6 +125,8 @@ def known_tokens(args, layout, config):
     if kept is not None:
         return full, torch.arange(seq_len) < kept, kept
     name = args.mask.partition(":")[0]
+    if name not in MASKS and layout["kind"] == "audio":
+        fail(f"--mask {args.mask}: an audio model takes {', '.join(MASKS[:-1])} or random[:FRACTION], not a mask image")
     if name not in MASKS and not os.path.isfile(args.mask):
         fail(f"--mask {args.mask}: use {', '.join(MASKS[:-1])}, random[:FRACTION] or an image file of the mask")
     try:
@@ -149,7 +151,7 @@ def main(argv=None):
     except CheckpointError as e:
         fail(str(e))
     config, layout = model.config, ckpt["layout"]
-    kind = layout["kind"]
+    kind, args.griffin_lim_iters = layout["kind"], vocoder_iterations(args, layout)
     model = compile_head(model) if args.compile else model
     n = args.n or (10 if kind == "image" else 1)
     options = sampling_options(args, config, ckpt["sampling"])

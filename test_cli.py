@@ -82,8 +82,6 @@ def test_held_out_examples_span_the_classes():
     assert torch.equal(labels, again)  # the same examples at every evaluation
 
 
-
-
 @pytest.mark.parametrize("old", ["adr-checkpoint-v1", "adr-checkpoint-v2"])
 def test_a_checkpoint_of_an_earlier_version_is_named_so(tmp_path, old):
     """v2 models took the class only as the start token: their weights do not fit, and the message says why."""

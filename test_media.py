@@ -58,9 +58,12 @@ def test_mel_tokens_and_the_vocoder_keep_a_chirps_pitch_and_level():
 
 
 def test_mel_tokens_pad_whole_tokens_with_silence_and_count_bits_at_256_levels():
-    layout = media.mel_layout(frames=2)  # 63 frames: 32 tokens, the last frame silence
-    tokens = media.to_tokens(torch.zeros(2, 16000), layout)
-    assert tokens.shape == (2, 32, 160) and (tokens == -1).all()
+    layout = media.mel_layout(frames=2)  # 63 frames: 32 tokens, the second frame of the last one silence
+    tone = 0.3 * torch.sin(2 * math.pi * 440 * torch.arange(16000) / 16000)
+    tokens = media.to_tokens(tone[None], layout)
+    assert tokens.shape == (1, 32, 160) and (tokens[0, -1, 80:] == -1).all()
+    assert (tokens[0, :, :80].max(-1).values > 0).all()  # every real frame hears the tone
+    assert (media.to_tokens(torch.zeros(1, 16000), layout) == -1).all()  # digital silence: the floor
     x = torch.rand(1, 32, 160) * 2 - 1
     lo, hi = media.quantisation_bins(x, layout)
     levels = media.mel_levels(x.double(), layout)

@@ -248,6 +248,8 @@ def test_bad_prompts(ckpts, tmp_path, capsys):
     fails_with(
         capsys, ckpts["audio"], tmp_path, "keep at least one", "--prompt", str(tmp_path / "clip.wav"), "--keep", "0.01"
     )
+    fails_with(capsys, ckpts["any_order_mel"], tmp_path, "not a mask image", "--prompt", str(tmp_path / "clip.wav"),
+               "--mask", str(tmp_path / "small.png"))
 
 
 def test_bad_flag_values(ckpts, tmp_path, capsys):
@@ -261,6 +263,9 @@ def test_bad_flag_values(ckpts, tmp_path, capsys):
                    "--eta", "0.5")
     fails_with(capsys, ckpts["image"], tmp_path, "--eta: 2 must be at most 1", "--sampler", "ddim", "--eta", "2")
     fails_with(capsys, ckpts["image"], tmp_path, "--n: 'ten' is not an integer", "--n", "ten")
+    for kind in ("image", "audio"):  # no vocoder to tune: images, and waveform tokens
+        fails_with(capsys, ckpts[kind], tmp_path, "only a model of mel tokens needs a vocoder",
+                   "--griffin-lim-iters", "8")
     fails_with(capsys, ckpts["image"], tmp_path, "--device 'tpu': not a device adr runs on", "--device", "tpu")
     fails_with(capsys, ckpts["image"], tmp_path, "--device 'meta': not a device adr runs on", "--device", "meta")
     for flag in ("--cfg", "--temperature"):

@@ -34,8 +34,6 @@ from conftest import (
 LAYOUT = media.image_layout()
 
 
-
-
 # a short run: few steps, tiny batches, no warm-up, 2 reverse diffusion steps for the sample grid
 FAST = [
     "--size",
@@ -488,10 +486,14 @@ def test_wave_tokens_and_the_clip_length(tmp_path, capsys):
     with wave.open(str(tmp_path / "half" / "samples" / "step_000001" / "go.wav")) as f:
         assert f.getnframes() == 8000
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train_audio.main(flags + ["--out", str(tmp_path / "odd"), "--tokens", "wave", "--seconds", "0.015"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "multiple of 0.01 s" in err, err
+    for extra, message in ((["--tokens", "wave", "--seconds", "0.505"], "multiple of 0.01 s"),
+                           (["--seconds", "0.05"], "at least 0.1 s"),
+                           (["--out", str(tmp_path / "wave"), "--resume", "--steps", "2"], "--tokens or --seconds")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_audio.main(flags + ["--out", str(tmp_path / "odd"), *extra])
+        out, err = capsys.readouterr()
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+        assert "data:" not in out  # before any data was read
 
 
 def test_unconditional_samples_are_numbered(tmp_path):

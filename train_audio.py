@@ -6,20 +6,19 @@ SC09 subset), or any folder of WAV files in word sub-folders (--audio-folder DIR
     python train_audio.py --audio-folder my_words --words yes,no    # your own recordings
     torchrun --nproc_per_node=4 train_audio.py                      # one process per GPU
 
-Each example is 1 s of 16 kHz audio. Tokens are 160-sample (10 ms) chunks of the waveform, so a clip is
-100 tokens of 160 values. 10 ms is the usual frame of speech analysis (shorter than a phoneme, one to three
-pitch periods), and 100 tokens is close to the 64 of a 32x32 image, so the same model sizes fit both:
-5 ms chunks would double the sequence and the sampling time, 20 ms chunks would ask the small MLP head
-for 320 values at once. Every sample goes through continuous mu-law companding (mu = 255, media.mu_law),
-which is exactly invertible and gives quiet samples more of the [-1, 1] range, so quiet and loud clips
-both train well without normalising them (and bits/dim still refer to the real 16-bit samples).
-Generated tokens go back through the inverse mu-law straight to a waveform: no vocoder.
+Each example is 1 s of 16 kHz audio (--seconds). By default (--tokens mel) a token is one frame of an 80-band
+log-mel spectrogram (FFT 1024, hop 256: 16 ms apart, 63 tokens a second), as in the continuous autoregressive
+speech models MELLE and FELLE: the head draws a frame's spectral envelope and a vocoder (torchaudio's
+InverseMelScale and Griffin-Lim, media.vocode) finds a phase for it, which keeps words recognisable (RESULTS.md,
+"Speech"). --tokens wave keeps the earlier tokens: 160-sample (10 ms) chunks of the waveform through continuous
+mu-law companding (mu = 255, media.mu_law), 100 tokens of 160 values, turned straight back into a waveform; there
+the small head must place every sample of a chunk in phase with the last one, and its words are not recognised.
 
 Speech Commands is found (and downloaded if missing) with torchaudio.datasets.SPEECHCOMMANDS, which also
 gives its official split: "training" trains, "testing" is the held-out set; the "validation" clips are
 not used (v0.01 is used where only it is there). Recent torchaudio decodes audio through FFmpeg, so WAV files
 are read here by media.read_wav instead: PCM of 8, 16, 24 or 32-bit integers or 32/64-bit floats, with plain
-or extensible headers. A folder of WAVs is resampled to 16 kHz, mixed to mono, padded or trimmed to 1 s;
+or extensible headers. A folder of WAVs is resampled to 16 kHz, mixed to mono, padded or trimmed to --seconds;
 every 10th file of each word is held out for the test loss and bits/dim.
 
 Writes to --out (default out/audio): ckpt.pt, log.csv, loss.png, and at every --sample-every steps one
@@ -93,14 +92,16 @@ def main(argv=None):
         source = dict(name="audio-folder", root=os.path.abspath(args.audio_folder), words=words)
     else:
         source = dict(name="speech-commands", root=os.path.abspath(args.data), words=words)
-    check_run(args, source, "audio")
     length = round(args.seconds * SAMPLE_RATE)
+    if length < SAMPLE_RATE // 10:  # the spectrograms (the mel tokens', the classifier's) need whole windows
+        fail(f"--seconds {args.seconds:g}: clips must last at least 0.1 s")
     if args.tokens == "mel":
         layout = mel_layout(sample_rate=SAMPLE_RATE, length=length)
     elif length % 160:
         fail(f"--seconds {args.seconds:g}: --tokens wave cuts clips into 10 ms chunks; give a multiple of 0.01 s")
     else:
         layout = audio_layout(sample_rate=SAMPLE_RATE, length=length, chunk=160, mu=255.0)
+    check_run(args, source, layout)
     train_set, test_set, words = rank_zero_first(args, lambda: load_dataset(source, layout))
     source["words"] = words  # the classes, in label order, as evaluate.py must read them again
     save_samples = sample_writer(args, layout, words, test_set if test_set is not None else train_set)

@@ -50,10 +50,10 @@ def main(argv=None):
         source = dict(name="image-folder", root=os.path.abspath(args.image_folder))
     else:
         source = dict(name=args.dataset, root=os.path.abspath(args.data))
-    check_run(args, source, "image")
     layout = default_image_layout(source["name"], args.patch)
     if layout["height"] % args.patch:
         fail(f"--patch {args.patch} does not divide the {layout['height']}x{layout['width']} images; use a divisor")
+    check_run(args, source, layout)
     train_set, test_set, class_names = rank_zero_first(args, lambda: load_dataset(source, layout))
     test = f", {len(test_set)} test" if test_set is not None else ""
     log(f"data: {source['name']} in {source['root']}: {len(train_set)} train{test} images, {len(class_names)} classes")

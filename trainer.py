@@ -26,13 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from adr import ADR, SAMPLERS, SIZES, ADRConfig
-from cli import (DEVICE_HELP, SAMPLING, CheckpointError, OneLineErrors, check_writable, default_device, fail,
+from cli import (DEVICE_HELP, GUIDANCE, SAMPLING, CheckpointError, OneLineErrors, check_writable, default_device, fail,
                  fixed_seed, format_time, held_out_batches, held_out_bpd, load_checkpoint, log, number, pick_device,
-                 sampling_defaults, save_checkpoint, warn)
+                 save_checkpoint, warn)
 from media import layout_shape, to_tokens
 
 # ----------------------------------------------------------------------------------------------
-# The training scripts' flags
+# The training scripts' argument types
 
 
 def model_setting(text):
@@ -63,7 +63,6 @@ def ema_decay(text):
     return value
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The training scripts' flags. Those whose default depends on --size: "base" is sized for about 15
 # minutes on one H100-class GPU (from a FLOP count, about 65 GFLOP per image for forward and backward),
@@ -86,6 +85,8 @@ class Parser(OneLineErrors):
         for name, value in SIZE_DEFAULTS[args.size].items():
             if getattr(args, name, None) is None:
                 setattr(args, name, None if name == "steps" and args.minutes is not None else value)
+        for name in ("cfg", "cfg_ramp"):  # not given: the modality's guidance (sample_file_options)
+            setattr(args, name, getattr(args, name, None))
         if args.steps is not None and args.warmup >= args.steps:
             warmup = args.steps // 10
             instead = f"warming up over {warmup} steps (a tenth of the run)" if warmup else "no warm-up"
@@ -94,11 +95,12 @@ class Parser(OneLineErrors):
             args.warmup = warmup
         return args
 
+
 def sample_file_options(args, kind, conditional):
     """The keyword arguments of model.sample for the sample files: the chain flags, guidance from --cfg and --cfg-ramp
     or, where they are not given, the defaults of the modality (kind: "image" or "audio"); no guidance without
     classes."""
-    defaults = sampling_defaults(kind)
+    defaults = GUIDANCE[kind]
     cfg_scale = (args.cfg if args.cfg is not None else defaults["cfg_scale"]) if conditional else 1.0
     cfg_ramp = args.cfg_ramp if args.cfg_ramp is not None else defaults["cfg_ramp"]
     return dict(steps=args.sample_steps, sampler=args.sampler, cfg_scale=cfg_scale, cfg_ramp=cfg_ramp)
@@ -147,14 +149,14 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
                    help="the reverse chain of the sample files")
     p.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=SAMPLING["steps"],
                    help="reverse diffusion steps per token for the sample files")
-    p.add_argument("--cfg", type=number(float, 0), default=None, help="classifier-free guidance scale for the sample "
-                   "files, as sample.py's --cfg (1: none; default: the modality's, as sample.py draws the checkpoint)")
-    p.add_argument("--cfg-ramp", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--cfg", type=number(float, 0), default=argparse.SUPPRESS, help="classifier-free guidance scale "
+                   "for the sample files, as sample.py's --cfg (1: none; default: the modality's, as sample.py draws "
+                   "the checkpoint)")
+    p.add_argument("--cfg-ramp", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                    help="let the sample files' guidance grow from 1 to --cfg over the tokens (default: the modality's)")
     p.add_argument("--num-workers", type=number(int, 0), default=None, help="data loader processes (default: none "
                    "on a CPU, where the data in memory is read faster than extra processes cost; else up to 4)")
     return p
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +237,6 @@ def update_ema(ema, model, decay):
         e.lerp_(p, 1 - decay)
 
 
-
 @torch.no_grad()
 def held_out_loss(model, task, args, device, autocast):
     """The training loss of `model` on --eval-examples test examples, with fixed noise."""
@@ -248,7 +249,6 @@ def held_out_loss(model, task, args, device, autocast):
                 loss = model(tokens, labels)
             total, n = total + loss.item() * len(tokens), n + len(tokens)
     return total / n
-
 
 
 LOG_COLUMNS = ["step", "train_loss", "test_loss", "test_bpd", "test_bpd_stderr", "lr", "elapsed_s"]
@@ -298,10 +298,11 @@ def ignore_sigint(worker_id):
 HYPERPARAMETERS = ["lr", "batch_size", "warmup", "weight_decay", "grad_clip", "ema", "seed"]
 
 
-def check_run(args, source, kind):
+def check_run(args, source, layout):
     """Before any expensive work: the output folder is writable, a run's checkpoint is not overwritten, and
-    a checkpoint to resume is there and belongs to this run (same model size, modality, conditioning and
-    data); hyper-parameters that differ from the run's are named in a warning."""
+    a checkpoint to resume is there and belongs to this run (same model size, modality, token layout, conditioning
+    and data); hyper-parameters that differ from the run's are named in a warning."""
+    kind = layout["kind"]
     path = os.path.join(args.out, "ckpt.pt")
     fields = ADRConfig(**model_fields(args))
     if fields.d_model % fields.n_head or (fields.d_model // fields.n_head) % 2:
@@ -328,6 +329,9 @@ def check_run(args, source, kind):
     elif any(config[k] != size[k] for k in size if k not in DATA_FIELDS):
         why = (f"its model is --size {was.get('size', '?')} {' '.join(was.get('model', []))}, and this run asks for "
                f"--size {args.size} {' '.join(f'{k}={v}' for k, v in args.model)}")
+    elif ckpt["layout"] != layout:
+        flags = "--patch" if kind == "image" else "--tokens or --seconds"
+        why = f"its tokens are laid out otherwise ({flags} differ: it has {ckpt['layout']}, this run {layout})"
     elif config.get("order", "raster") != args.order:
         why = f"it was trained in {config.get('order', 'raster')} order, and this run asks for --order {args.order}"
     elif (config["num_classes"] == 0) != bool(args.unconditional):
@@ -342,7 +346,6 @@ def check_run(args, source, kind):
             warn(f"--resume: going on with {', '.join(changed)}")
         return
     fail(f"--resume: {path} belongs to another run: {why}; use that run's flags, or another --out")
-
 
 
 def resume(path, model, ema, optimizer, task):
@@ -465,7 +468,7 @@ def train(args, task: Task) -> None:
     if not cuda and args.size != "tiny":
         found = "no CUDA GPU found, so " if not torch.cuda.is_available() else ""
         log(f"note: {found}the {args.size} model trains on the CPU, very slowly; --size tiny finishes in minutes")
-    check_run(args, task.source, task.layout["kind"])
+    check_run(args, task.source, task.layout)
     ckpt_path, log_path, plot_path = (os.path.join(args.out, name) for name in ("ckpt.pt", "log.csv", "loss.png"))
 
     torch.manual_seed(args.seed)
