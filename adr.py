@@ -356,8 +356,7 @@ class ADR(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        # the class (the null class last) joins every input: given only at the start, retention's decay forgets it
-        self.class_emb = nn.Embedding(config.num_classes + 1, d)
+        self.class_emb = nn.Embedding(config.num_classes + 1, d)  # on all inputs, null last: a start token would fade
         self.token_in = nn.Linear(config.token_dim, d)
         self.pos_emb = nn.Parameter(torch.randn(config.seq_len, d) * 0.02)  # the position an input asks for next
         if config.order == "random":  # sigma-GPT's double positional encoding: also where each input token sits
@@ -367,9 +366,8 @@ class ADR(nn.Module):
         self.head = DiffusionHead(config)
 
     def embed(self, tokens, labels, targets, sources=None, with_start=True):
-        """Backbone inputs [start, tok, ...] (or the tokens alone), the start input holding no token, each plus the
-        class embedding (no labels: the null class's), the embedding of the position it asks for next (targets; in
-        raster order input i asks for token i), and where its token sits (random order)."""
+        """Backbone inputs [start (no token), tok, ...] (or the tokens alone), each plus the class embedding (no labels:
+        the null class's), the position it asks for next (targets) and where its token sits (random order)."""
         h = self.token_in(tokens) if sources is None else self.token_in(tokens) + self.source_emb[sources]
         if with_start:
             h = torch.cat([h.new_zeros(h.shape[0], 1, h.shape[2]), h], dim=1)
