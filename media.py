@@ -118,12 +118,12 @@ def vocode(tokens, layout, iters=GRIFFIN_LIM_ITERS):
 
     low, high = layout["low"], layout["high"]
     x = tokens.float().reshape(len(tokens), -1, layout["bands"])[:, : mel_frames(layout)].transpose(1, 2)
-    power = ((x.clamp(-1, 1) + 1) / 2 * (high - low) + low).exp()  # (B, bands, T)
+    power = ((x + 1) / 2 * (high - low) + low).exp()  # (B, bands, T); from_tokens clamped x
     n_stft = layout["n_fft"] // 2 + 1
     linear = torchaudio.transforms.InverseMelScale(n_stft, layout["bands"], layout["sample_rate"]).to(x.device)(power)
     griffin_lim = torchaudio.transforms.GriffinLim(layout["n_fft"], n_iter=iters, hop_length=layout["hop"], power=2.0,
                                                    length=layout["length"], rand_init=False).to(x.device)
-    return griffin_lim(linear).clamp(-1, 1)
+    return griffin_lim(linear)
 
 
 def to_tokens(x, layout):
@@ -141,7 +141,7 @@ def from_tokens(tokens, layout, griffin_lim_iters=GRIFFIN_LIM_ITERS):
     if layout["kind"] == "image":
         return unpatchify(tokens, layout["patch"], layout["channels"], layout["height"], layout["width"])
     if layout["tokens"] == "mel":
-        return vocode(tokens, layout, griffin_lim_iters)
+        return vocode(tokens, layout, griffin_lim_iters).clamp(-1, 1)
     return mu_law_inverse(tokens.reshape(tokens.shape[0], -1), layout["mu"])
 
 
