@@ -22,7 +22,7 @@ from typing import NoReturn
 import torch
 
 from adr import ADR, SAMPLERS, ADRConfig, bits_per_dim
-from media import GRIFFIN_LIM_ITERS, mel_levels, quantisation_bins, to_tokens
+from media import GRIFFIN_LIM_ITERS, OutputError, atomic_output, mel_levels, quantisation_bins, to_tokens
 
 # ----------------------------------------------------------------------------------------------
 # Command-line helpers: messages, one-line errors, number types, the device
@@ -41,12 +41,16 @@ def warn(message):
 
 def run(main):
     """A script's entry point: Ctrl-C before the training loop takes it over (while data loads, say) ends the
-    script with one line and exit code 130, not a traceback."""
+    script with one line and exit code 130, and a file that cannot be written with one line and exit code 1, not a
+    traceback."""
     try:
         main()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except OutputError as e:  # a full disk, say: what was written before is intact, nothing half-written is left
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def fail(message: str) -> NoReturn:
@@ -215,15 +219,14 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path, model, layout, class_names=None, ema=None, **extra):
-    """Write atomically (temporary file, then rename): an interrupted save never leaves a broken file.
+    """Write atomically (media.atomic_output): an interrupted or failed save never leaves a broken file.
     `extra` holds plain values or tensors (optimizer state, step, ...)."""
     state = dict(format=CHECKPOINT_FORMAT, config=asdict(model.config), model=model.state_dict(), layout=layout,
                  class_names=list(class_names or []), sampling=dict(GUIDANCE[layout["kind"]]), **extra)
     if ema is not None:
         state["ema"] = ema.state_dict()
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk raises the OSError itself
+        torch.save(state, f)
 
 
 def foreign_global(path):
@@ -297,6 +300,8 @@ def check_writable(folder, flag):
 def check_writable_file(path, flag):
     """The folder of a file to write exists and takes files, or one line says why not."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a folder: give a file name")
     if not os.path.isdir(folder):
         fail(f"{flag} {path}: its folder does not exist; create it or pick another path")
     check_writable(folder, flag)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from media import IMAGE_EXTENSIONS, prepare_clip, read_pixels, read_wav
+from media import IMAGE_EXTENSIONS, read_clip, read_pixels
 from cli import fail, log, warn
 
 # ----------------------------------------------------------------------------------------------
@@ -65,32 +65,52 @@ def read_image_folder(folder, class_names, layout):
     return images, labels, [p for p in pixels if isinstance(p, str)]
 
 
+def sub_folders(folder):
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+
+
+def drop_empty_classes(labels, names):
+    """A class with nothing to train on would be one the model is asked for but never saw: (labels (a long tensor)
+    renumbered over the classes that have items, their names, the names of the classes dropped)."""
+    counts = torch.bincount(labels, minlength=len(names))
+    renumber = (counts > 0).long().cumsum(0) - 1
+    return renumber[labels], [n for n, c in zip(names, counts) if c], [n for n, c in zip(names, counts) if not c]
+
+
 def image_folder_data(root, layout):
     """(train set, test set or None, class names) from root/<class>/*, or root/train/<class>/* with an
-    optional root/test/<class>/*."""
+    optional root/test/<class>/*. A class without readable training images is dropped, with a warning."""
     if not os.path.isdir(root):
         fail(f"--image-folder {root}: no such folder; it should hold one sub-folder of images per class")
     train_dir = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
     test_dir = os.path.join(root, "test")  # DIR/test/ is the test split, never a class
-    class_names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d))
-                         and not d.startswith(".") and os.path.join(train_dir, d) != test_dir)
+    for split, folder in (("training", os.path.join(root, "train")), ("test", test_dir)):
+        if os.path.isdir(folder) and not sub_folders(folder):  # most likely a class named train or test
+            fail(f"--image-folder {root}: {folder} has no class sub-folders, but a folder named "
+                 f"{os.path.basename(folder)} is the {split} split ({os.path.join(folder, '<class>', '')}), never a "
+                 f"class; rename it to use it as a class")
+    class_names = [d for d in sub_folders(train_dir) if os.path.join(train_dir, d) != test_dir]
     if not class_names:
         fail(f"--image-folder {root}: no class sub-folders; put the images in {os.path.join(root, '<class>', '')} "
              f"(png or jpg)")
     log(f"reading images from {root} ...")
-    splits, skipped = [], []
-    for folder, flip in ((train_dir, True), (test_dir, False)):
-        if folder == train_dir or os.path.isdir(folder):
-            images, labels, unreadable = read_image_folder(folder, class_names, layout)
-            skipped += unreadable
-            splits.append(ImageDataset(torch.stack(images), labels, flip) if images else None)
-        else:
-            splits.append(None)
+    images, labels, skipped = read_image_folder(train_dir, class_names, layout)
+    if not images:
+        example = f" ({skipped[0]})" if skipped else ""
+        fail(f"--image-folder {root}: no readable images in {os.path.join(train_dir, '<class>', '')} (png or "
+             f"jpg){example}")
+    labels, class_names, dropped = drop_empty_classes(torch.tensor(labels), class_names)
+    train_set, test_set = ImageDataset(torch.stack(images), labels, flip=True), None
+    if os.path.isdir(test_dir):  # only the classes kept, so the labels match the training set's
+        images, labels, unreadable = read_image_folder(test_dir, class_names, layout)
+        skipped += unreadable
+        test_set = ImageDataset(torch.stack(images), labels, flip=False) if images else None
     if skipped:
         warn(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''}, e.g. {skipped[0]}")
-    if splits[0] is None:
-        fail(f"--image-folder {root}: no readable images in {os.path.join(train_dir, '<class>', '')} (png or jpg)")
-    return splits[0], splits[1], class_names
+    if dropped:
+        warn(f"dropped {len(dropped)} class{'es' if len(dropped) > 1 else ''} without readable images: "
+             f"{', '.join(dropped)} (in {train_dir})")
+    return train_set, test_set, class_names
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
@@ -211,14 +231,10 @@ def load_clips(paths_and_labels, length=CLIP_LENGTH):
             missing.append(path)
             continue
         try:
-            waveform, rate = read_wav(path)
+            clip = read_clip(path, SAMPLE_RATE, length)
         except (ValueError, OSError) as e:
             skipped.append(str(e))
             continue
-        if waveform.shape[1] == 0:
-            skipped.append(f"{path}: no samples")
-            continue
-        clip = prepare_clip(waveform, rate, SAMPLE_RATE, length)
         # numpy: a torch op per clip is slow on a busy CPU
         clips.append(np.clip(np.round(clip.numpy() * 32768), -32768, 32767).astype(np.int16))
         labels.append(label)
@@ -227,10 +243,11 @@ def load_clips(paths_and_labels, length=CLIP_LENGTH):
 
 
 def pick_words(requested, available, default, where):
-    """The class names: the comma-separated --words (each one checked), else the default."""
+    """The class names: the list of words asked for (each one checked), else the default. A list, never a joined
+    string: a folder's name may hold a comma or spaces."""
     if requested is None:
         return default
-    words = [w.strip() for w in requested.split(",") if w.strip()]
+    words = list(requested)
     missing = [w for w in words if w not in available]
     if not words or missing:
         fail(f"--words: no {', '.join(missing) or 'words given'} in {where}; "
@@ -291,6 +308,7 @@ def speech_commands(root, requested_words=None, length=CLIP_LENGTH):
 def audio_folder(folder, requested_words=None, length=CLIP_LENGTH):
     """WAVs in folder/<word>/*.wav: every 10th file of each word (in name order) is held out for testing.
     Sub-folders whose names start with _ or . are not words (Speech Commands' _background_noise_).
+    A word without a readable WAV file to train on is dropped, with a warning.
     Returns (training Clips, testing Clips or None, words, number of unreadable files skipped)."""
     if not os.path.isdir(folder):
         fail(f"--audio-folder {folder} is not a folder; give a folder with one sub-folder of WAV files per word")
@@ -298,20 +316,25 @@ def audio_folder(folder, requested_words=None, length=CLIP_LENGTH):
     if not available:
         fail(f"--audio-folder {folder} has no sub-folders; put the WAV files of each word in {folder}/<word>/")
     words = pick_words(requested_words, available, available, folder)
-    train_items, test_items = [], []
-    for label, word in enumerate(words):
-        names = sorted(n for n in os.listdir(os.path.join(folder, word)) if n.lower().endswith(".wav"))
-        for i, name in enumerate(names):
-            (test_items if i % 10 == 9 else train_items).append((os.path.join(folder, word, name), label))
-    train_set, skipped_train, _ = load_clips(train_items, length)
-    test_set, skipped_test, _ = load_clips(test_items, length)
-    skipped = skipped_train + skipped_test
+    files = {w: sorted(n for n in os.listdir(os.path.join(folder, w)) if n.lower().endswith(".wav")) for w in words}
+
+    def items(words, test):  # (path, label) of each word's files; every 10th file of a word is a test file
+        return [(os.path.join(folder, w, name), label) for label, w in enumerate(words)
+                for i, name in enumerate(files[w]) if (i % 10 == 9) == test]
+
+    train_set, skipped, _ = load_clips(items(words, test=False), length)
     if len(train_set) == 0:
         example = f" ({skipped[0]})" if skipped else ""
         fail(f"--audio-folder {folder}: no readable WAV files in the sub-folders of {', '.join(words)}{example}")
+    train_set.labels, words, dropped = drop_empty_classes(train_set.labels, words)
+    test_set, skipped_test, _ = load_clips(items(words, test=True), length)  # of the words kept
+    skipped += skipped_test
     log(f"data: {folder}: {len(train_set)} training and {len(test_set)} test clips of {len(words)} words")
     if skipped:
         warn(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''}, e.g. {skipped[0]}")
+    if dropped:
+        warn(f"dropped {len(dropped)} word{'s' if len(dropped) > 1 else ''} without a readable WAV file to train on: "
+             f"{', '.join(dropped)} (in {folder})")
     return train_set, test_set if len(test_set) else None, words, len(skipped)
 
 
@@ -340,11 +363,10 @@ def load_dataset(source, layout):
         return mnist_data(root, name)
     if name == "image-folder":
         return image_folder_data(root, layout)
-    words = ",".join(source["words"]) if source.get("words") is not None else None
     if name == "speech-commands":
-        return speech_commands(root, words, layout["length"])
+        return speech_commands(root, source.get("words"), layout["length"])
     if name == "audio-folder":
-        return audio_folder(root, words, layout["length"])[:3]
+        return audio_folder(root, source.get("words"), layout["length"])[:3]
     raise ValueError(f"unknown dataset {name!r}")
 
 

@@ -31,7 +31,8 @@ from cli import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags,
 from cli import compile_head, default_device, fail, format_time, held_out_bpd, load_checkpoint, log, number
 from cli import pick_device, run, sampling_options, timed_sample, vocoder_iterations, warn
 from data import fingerprint, load_dataset
-from media import dequantise, from_tokens, quantise, save_image_grid, save_samples_npz, to_tokens
+from media import OutputError, atomic_output, dequantise, from_tokens, quantise, save_image_grid, save_samples_npz
+from media import to_tokens
 
 # ----------------------------------------------------------------------------------------------
 # The classifier: three stages of 3x3 convolutions, global average pooling, a linear layer. Its penultimate
@@ -162,11 +163,8 @@ def get_classifier(source, train_set, test_set, layout, class_names, args, devic
                     train=fingerprint(train_set), test=fingerprint(test_set))
     name = f"adr-classifier-{source['name']}-{identity['train'][:8]}.pt"
     path = args.classifier or os.path.join(source["root"], name)
-    if os.path.isfile(path) and not args.retrain_classifier:
-        try:
-            cached = torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:
-            fail(f"--classifier {path} could not be read ({type(e).__name__}); delete it, or pass --retrain-classifier")
+    cached = read_classifier(path, device)
+    if cached is not None and not args.retrain_classifier:
         if cached.get("identity") == identity:
             classifier = Classifier(layout, len(class_names)).to(device)
             classifier.load_state_dict(cached["weights"])
@@ -177,11 +175,26 @@ def get_classifier(source, train_set, test_set, layout, class_names, args, devic
     classifier, accuracy = train_classifier(train_set, test_set, layout, len(class_names), steps, 0, device)
     state = dict(identity=identity, accuracy=accuracy, steps=steps, weights=classifier.state_dict())
     try:
-        torch.save(state, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
-    except OSError as e:
-        warn(f"could not cache the classifier in {path} ({e.strerror}); pass --classifier PATH to keep it")
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
+    except OutputError as e:
+        warn(f"the classifier is not cached ({e}); pass --classifier PATH to keep it")
     return classifier, accuracy, path
+
+
+def read_classifier(path, device="cpu"):
+    """A classifier cached by get_classifier (a dict with its identity and weights), or None where there is no
+    file. Anything else at `path` is refused in one line: it is never read as code, and never overwritten."""
+    if not os.path.exists(path):
+        return None
+    try:
+        cached = torch.load(path, map_location=device, weights_only=True) if os.path.isfile(path) else None
+    except Exception:
+        cached = None
+    if not (isinstance(cached, dict) and "identity" in cached and "weights" in cached):
+        fail(f"--classifier {path} holds something other than an evaluate.py classifier; it is left as it is: "
+             f"give another path")
+    return cached
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +291,9 @@ def main(argv=None):
     device = pick_device(args.device, args.compile)
     if args.json:
         check_writable_file(args.json, "--json")
+    if args.classifier:
+        check_writable_file(args.classifier, "--classifier")
+        read_classifier(args.classifier)  # refused now, not after the data is read
     try:
         model, ckpt = load_checkpoint(args.ckpt, device, use_ema=args.ema)
     except CheckpointError as e:
@@ -350,7 +366,7 @@ def main(argv=None):
                   sampling_s=seconds["total"], head_share=seconds["head"] / seconds["total"], **options)
     print(report(result))
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=1)
     if args.out:
         npz = os.path.join(args.out, "samples.npz")

@@ -7,11 +7,15 @@ torchvision, torchaudio and matplotlib are imported inside the functions that ne
 sampling an image model never imports torchaudio.
 """
 
+import errno
 import functools
 import math
 import os
 import struct
 import wave
+from collections import namedtuple
+from contextlib import contextmanager, suppress
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -222,7 +226,8 @@ def save_samples_npz(path, x, layout, labels, class_names, tokens=None):
     names = np.array(list(class_names), dtype=str)
     mel = tokens is not None and layout.get("tokens") == "mel"
     extra = {"mel_tokens": tokens.float().cpu().numpy()} if mel else {}
-    np.savez(path, **{key: quantise(x, layout)}, labels=labels.astype(np.int64), class_names=names, **extra)
+    with atomic_output(path) as tmp:
+        np.savez(tmp, **{key: quantise(x, layout)}, labels=labels.astype(np.int64), class_names=names, **extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +265,8 @@ def save_image_grid(images, path, nrow, scale=4) -> None:
     grid = make_grid((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1)
     grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+    with atomic_output(path) as tmp:
+        Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,26 +274,34 @@ def save_image_grid(images, path, nrow, scale=4) -> None:
 
 
 WAV_FORMATS = "PCM WAV files of 8, 16, 24 or 32-bit integers or 32/64-bit floats (also with extensible headers)"
+# Recordings run from 8 kHz (telephone speech) to 384 kHz, a few converters reach 768 kHz: a rate of 0 Hz (which
+# cannot be played at all) or above 768 kHz is a corrupt header, and the frames a clip needs grow with the rate
+WAV_RATES = (1, 768000)
+UNKNOWN_SIZE = 0xFFFFFFFF  # the size ffmpeg writing to a pipe cannot go back to fill in: samples to the end of the file
+
+WavHeader = namedtuple("WavHeader", "tag channels rate width offset frames")
 
 
-def read_wav(path):
-    """A WAV file -> (float32 tensor (channels, N) in [-1, 1], sample rate). Reads the RIFF chunks itself (the
-    standard library's `wave` refuses WAVE_FORMAT_EXTENSIBLE headers, which many recorders write): integer
-    PCM of 8 (unsigned), 16, 24 or 32 bits and IEEE floats of 32 or 64 bits. Anything else raises ValueError."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+def wav_header(f, path):
+    """The header of an open WAV file, found by walking its RIFF chunks without reading the samples: a WavHeader
+    (format tag, channels, sample rate, bytes per sample, where the samples start, how many frames there are).
+    Raises ValueError for a file adr cannot read."""
+    head = f.read(12)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         raise ValueError(f"{path}: not a WAV file (no RIFF/WAVE header)")
-    fmt = samples = None
+    end = os.fstat(f.fileno()).st_size
+    fmt = offset = size = None
     pos = 12
-    while pos + 8 <= len(data) and (fmt is None or samples is None):
-        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
-        if chunk == b"fmt ":
-            fmt = data[pos + 8 : pos + 8 + size]
-        elif chunk == b"data":
-            samples = data[pos + 8 : pos + 8 + size]  # a truncated file may hold less than the size says
-        pos += 8 + size + size % 2  # chunks are padded to an even length
-    if fmt is None or len(fmt) < 16 or samples is None:
+    while pos + 8 <= end and (fmt is None or offset is None):
+        f.seek(pos)
+        chunk = f.read(8)
+        name, chunk_size = chunk[:4], int.from_bytes(chunk[4:], "little")
+        if name == b"fmt ":
+            fmt = f.read(min(chunk_size, 64))  # 16 to 40 bytes: a corrupt size must not make a huge read
+        elif name == b"data":
+            offset, size = pos + 8, chunk_size
+        pos += 8 + chunk_size + chunk_size % 2  # chunks are padded to an even length
+    if fmt is None or len(fmt) < 16 or offset is None:
         raise ValueError(f"{path}: not a WAV file (no fmt or data chunk)")
     tag, channels, rate, _, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
     if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real format opens the sub-format GUID
@@ -295,36 +309,120 @@ def read_wav(path):
     width = block_align // max(channels, 1)  # bytes per sample in the file (24 valid bits may sit in 4 bytes)
     if channels < 1 or not ((tag == 1 and width in (1, 2, 3, 4)) or (tag == 3 and width in (4, 8))):
         raise ValueError(f"{path}: format {tag:#x} with {bits}-bit samples; adr reads {WAV_FORMATS}")
-    frames = len(samples) // (width * channels)  # a truncated file may end mid-frame
-    raw = np.frombuffer(samples[: frames * width * channels], dtype=np.uint8).reshape(frames * channels, width)
-    if tag == 3:
-        values = raw.copy().view("<f4" if width == 4 else "<f8")[:, 0].astype(np.float32)
+    if not WAV_RATES[0] <= rate <= WAV_RATES[1]:
+        raise ValueError(f"{path}: a sample rate of {rate} Hz; adr reads rates of {WAV_RATES[0]:,} to "
+                         f"{WAV_RATES[1]:,} Hz")
+    if size == UNKNOWN_SIZE:
+        size = end - offset
+    elif offset + size > end:  # a copy or a download cut short
+        raise ValueError(f"{path}: truncated: its data chunk should hold {size:,} bytes, the file ends after "
+                         f"{end - offset:,}")
+    return WavHeader(tag, channels, rate, width, offset, size // (width * channels))  # a last part-frame is dropped
+
+
+def wav_samples(f, header, path, max_frames=None):
+    """The samples of an open WAV file with this WavHeader, the first max_frames frames or all of them: float32
+    (channels, N) in [-1, 1]. Raises ValueError for NaN or infinite samples (in a float file)."""
+    frames = header.frames if max_frames is None else min(header.frames, max_frames)
+    channels, width = header.channels, header.width
+    f.seek(header.offset)
+    raw = np.frombuffer(f.read(frames * width * channels), dtype=np.uint8).reshape(frames * channels, width)
+    if header.tag == 3:
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes infinite, and is refused
+            values = raw.copy().view("<f4" if width == 4 else "<f8")[:, 0].astype(np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{path}: NaN or infinite samples")
     elif width == 1:
         values = (raw[:, 0].astype(np.float32) - 128) / 128  # 8-bit WAV samples are unsigned
     else:  # little-endian signed integers of 2, 3 or 4 bytes: put them in the top bytes of an int32
         padded = np.zeros((len(raw), 4), dtype=np.uint8)
         padded[:, 4 - width :] = raw
         values = padded.view("<i4")[:, 0].astype(np.float32) / 2**31
-    return torch.from_numpy(values.reshape(frames, channels).T.copy()), rate
+    return torch.from_numpy(values.reshape(frames, channels).T.copy())
+
+
+def read_wav(path):
+    """A WAV file -> (float32 tensor (channels, N) in [-1, 1], sample rate). Reads the RIFF chunks itself (the
+    standard library's `wave` refuses WAVE_FORMAT_EXTENSIBLE headers, which many recorders write): integer
+    PCM of 8 (unsigned), 16, 24 or 32 bits and IEEE floats of 32 or 64 bits. Anything else, a sample rate outside
+    WAV_RATES, a data chunk cut short or NaN samples raise ValueError."""
+    with open(path, "rb") as f:
+        header = wav_header(f, path)
+        return wav_samples(f, header, path), header.rate
+
+
+def read_clip(path, target_rate, length):
+    """A WAV file -> the clip prepare_clip makes of it, (length,) at target_rate, reading only the frames that
+    clip is made of: one second of a 10-minute recording reads about one second. Raises ValueError where read_wav
+    does, and for a file without samples."""
+    with open(path, "rb") as f:
+        header = wav_header(f, path)
+        waveform = wav_samples(f, header, path, input_frames(header.rate, target_rate, length))
+    if waveform.shape[1] == 0:
+        raise ValueError(f"{path}: no samples")
+    return prepare_clip(waveform, header.rate, target_rate, length)
 
 
 def write_wav(path, waveform, sample_rate):
     """A waveform (N,) in [-1, 1] -> mono 16-bit PCM WAV."""
     samples = quantise(waveform[None], dict(kind="audio"))[0].astype("<i2")
-    with wave.open(str(path), "wb") as f:
+    with atomic_output(path) as tmp, wave.open(tmp, "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
         f.setframerate(sample_rate)
         f.writeframes(samples.tobytes())
 
 
-def prepare_clip(waveform, sample_rate, target_rate, length):
-    """(channels, N) at sample_rate -> (length,) mono at target_rate, zero-padded or trimmed at the end."""
-    mono = waveform.mean(dim=0)
-    if sample_rate != target_rate:
-        import torchaudio
+# torchaudio's resampler convolves with a kernel of about new x old taps for the ratio new/old in lowest terms:
+# 16,000 x 16,001 of them for a file at 16,001 Hz (seconds and gigabytes). The ratio is replaced by the nearest
+# fraction whose larger term is at most RESAMPLE_TERMS, so the kernel stays under a few MB whatever the rate. Clips
+# then play faster or slower, and higher or lower, by that fraction's relative error: under 1 / (RESAMPLE_TERMS - 1),
+# about 0.1% (1 ms a second; 1.7 cents, a third of the smallest pitch step a listener tells apart), and 0 for the
+# usual rates (8, 11.025, 22.05, 44.1, 48, 96 kHz ...), whose ratios to 16 kHz have terms of at most 441.
+RESAMPLE_TERMS = 1000
 
-        mono = torchaudio.functional.resample(mono, sample_rate, target_rate)
+
+def resampling_ratio(sample_rate, target_rate):
+    """(old, new), at most RESAMPLE_TERMS each: resampling by new / old turns sample_rate into target_rate, or nearly;
+    ValueError for rates more than RESAMPLE_TERMS times apart.
+    Why it is off by under 1/P relatively (P = RESAMPLE_TERMS): y = low / high, at least 1/P, lies between two
+    neighbouring fractions a/b <= y <= c/d of denominators <= P, whose mediant (a + c) / (b + d) has a denominator
+    over P. On a/b's side of the mediant, y - a/b < 1/(b (P + 1)) <= y / (P + 1), as b y >= a >= 1; on c/d's side,
+    c/d - y < 1/(d (P + 1)) < y / P, as d y > c - 1/(P + 1). The nearest fraction is closer still; its inverse, the
+    ratio when upsampling, is off by under 1/(P - 1)."""
+    low, high = sorted((sample_rate, target_rate))
+    if low * RESAMPLE_TERMS < high:
+        raise ValueError(f"a sample rate of {sample_rate:,} Hz is too far from {target_rate:,} Hz to resample")
+    ratio = Fraction(low, high).limit_denominator(RESAMPLE_TERMS)
+    small, large = ratio.numerator, ratio.denominator
+    return (large, small) if sample_rate > target_rate else (small, large)
+
+
+@functools.lru_cache(maxsize=4)
+def resampler(old, new):
+    """torchaudio's resampler from old to new samples, built once: a folder's files mostly share one rate."""
+    import torchaudio
+
+    return torchaudio.transforms.Resample(old, new, dtype=torch.float32)  # float32, as torchaudio's resample() does
+
+
+def input_frames(sample_rate, target_rate, length):
+    """How many frames at sample_rate the first `length` samples at target_rate are made of: the frames they span,
+    and the resampler's reach past them (its kernel's half-width, and one stride of `old` frames: the convolution
+    reads whole strides)."""
+    old, new = resampling_ratio(sample_rate, target_rate)
+    if old == new:
+        return length
+    return math.ceil(length * old / new) + old + resampler(old, new).width + 1
+
+
+def prepare_clip(waveform, sample_rate, target_rate, length):
+    """(channels, N) at sample_rate -> (length,) mono at target_rate, zero-padded or trimmed at the end. Only the
+    frames the clip is made of are resampled, by resampling_ratio's ratio."""
+    mono = waveform[:, : input_frames(sample_rate, target_rate, length)].mean(dim=0)
+    old, new = resampling_ratio(sample_rate, target_rate)
+    if old != new:
+        mono = resampler(old, new)(mono)
     if mono.shape[0] < length:
         return torch.nn.functional.pad(mono, (0, length - mono.shape[0]))
     return mono[:length]
@@ -364,5 +462,50 @@ def save_spectrograms(waves, sample_rate, path, titles, columns=4):
     axes[0, 0].set_ylabel("kHz", fontsize=7)
     axes[0, 0].tick_params(labelsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing files: whole or not at all
+
+
+class OutputError(OSError):
+    """A file could not be written (a full disk, a read-only folder): the message names the file and why."""
+
+
+def disk_error(error):
+    """The OSError behind an exception, or None: torch.save reports a full disk as a RuntimeError raised while
+    handling the OSError of the file object it was writing to."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+@contextmanager
+def atomic_output(path):
+    """Yields a temporary name beside `path` (this process's own, with path's extension, which some writers read)
+    for a writer to fill; once it has, the file is flushed to the disk and renamed to `path`, so a reader, or a
+    crash, never meets a half-written file. If the writer fails, the temporary file is removed, and a failed write
+    raises OutputError naming `path` and the reason (what was at `path` before stays as it was)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, extension = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{stem}.{os.getpid()}.tmp{extension}")
+    try:
+        yield tmp
+        descriptor = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            os.remove(tmp)
+        cause = disk_error(e)
+        if cause is None or isinstance(e, OutputError):
+            raise
+        full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        why = f"the disk of {folder} is full" if full else (cause.strerror or str(cause))
+        raise OutputError(f"cannot write {path}: {why}") from None

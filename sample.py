@@ -19,9 +19,11 @@ samples for the same --seed. The run's time is printed, with the shares of the R
 of the diffusion head (its whole reverse chain per token).
 """
 
+import math
 import os
 
 import torch
+from PIL import Image
 
 from cli import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail
 from cli import check_writable, compile_head, load_checkpoint, number, pick_device, run, sampling_options
@@ -129,6 +131,7 @@ def known_tokens(args, layout, config):
         fail(f"--mask {args.mask}: an audio model takes {', '.join(MASKS[:-1])} or random[:FRACTION], not a mask image")
     if name not in MASKS and not os.path.isfile(args.mask):
         fail(f"--mask {args.mask}: use {', '.join(MASKS[:-1])}, random[:FRACTION] or an image file of the mask")
+    check_mask(args.mask, layout)
     try:
         generate = region_to_generate(layout, args.mask, args.seed)
     except ValueError as e:
@@ -141,6 +144,30 @@ def known_tokens(args, layout, config):
         fail(f"--mask {args.mask}: this model was trained in raster order and can only continue a prompt's first "
              f"tokens (--mask bottom, --keep); train with --order random to fill in other regions")
     return full, ~generate, None
+
+
+def check_mask(spec, layout):
+    """--mask random:FRACTION takes a fraction between 0 and 1; a mask image is as large as the model's images
+    (resizing it would move the region between tokens unseen)."""
+    name, colon, fraction = spec.partition(":")
+    if name == "random" and colon:
+        try:
+            value = float(fraction)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= 1:
+            fail(f"--mask {spec}: the fraction of the tokens to generate is above 0 and at most 1, e.g. random:0.25")
+    elif name not in MASKS:
+        try:
+            with Image.open(spec) as image:
+                size = image.size
+        except Exception:
+            fail(f"--mask {spec}: cannot read it as an image")
+        if size != (layout["width"], layout["height"]):
+            fail(f"--mask {spec} is {size[0]}x{size[1]} pixels and the model's images are {layout['width']}x"
+                 f"{layout['height']}: draw the mask at that size")
+    elif colon:
+        fail(f"--mask {spec}: only random takes a fraction (random:FRACTION)")
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """cli.py: checkpoints (saved atomically, refused when they would run code or do not fit), the held-out subset,
 and what the sampling scripts import."""
 
+import errno
 import os
 import pickle
 import subprocess
@@ -96,3 +97,31 @@ def test_the_sampling_scripts_do_not_import_the_trainer(script):
     code = f"import sys, {script}; print('trainer' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+
+
+def test_an_output_is_written_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "samples.npz"
+    path.write_bytes(b"the samples of yesterday")
+
+    def full_disk(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def bug(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise ValueError("a bug, not the disk")
+
+    with pytest.raises(media.OutputError, match=r"cannot write .*samples.npz: the disk of .* is full"):
+        with media.atomic_output(path) as tmp:
+            assert tmp.endswith(".npz")  # np.savez, PIL and matplotlib read the format off the name
+            full_disk(tmp)
+    with pytest.raises(ValueError, match="a bug"):  # anything else is not dressed up as a disk error
+        with media.atomic_output(path) as tmp:
+            bug(tmp)
+    assert path.read_bytes() == b"the samples of yesterday" and os.listdir(tmp_path) == ["samples.npz"]
+    with media.atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"today's")
+    assert path.read_bytes() == b"today's" and os.listdir(tmp_path) == ["samples.npz"]

@@ -4,6 +4,7 @@ the real on-disk formats."""
 import math
 import os
 import pickle
+import struct
 from urllib.error import URLError
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 import data
 import media
-from conftest import write_constant, write_float_wav, write_mnist, write_pcm
+from conftest import write_constant, write_float_wav, write_image, write_mnist, write_pcm
 
 LAYOUT = media.image_layout()
 
@@ -50,6 +51,40 @@ def test_image_folder_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data.image_folder_data(str(tmp_path / "empty"), LAYOUT)
     assert e.value.code == 2 and "no readable images" in capsys.readouterr().err
+
+
+def test_image_folder_drops_a_class_without_readable_images(image_dir, capsys):
+    """A class whose training files are all unreadable is dropped, with a warning naming it: the others keep
+    their images, renumbered, and its test images are not read."""
+    blank = image_dir / "train" / "blank"  # sorts before cat: the labels of cat and ship must move down
+    blank.mkdir()
+    (blank / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (blank / "1.jpg").write_bytes(b"")
+    (image_dir / "test" / "blank").mkdir()
+    write_image(image_dir / "test" / "blank" / "0.png", seed=7)
+    train_set, test_set, names = data.image_folder_data(str(image_dir), LAYOUT)
+    assert names == ["cat", "ship"] and len(train_set) == 12 and len(test_set) == 4
+    assert train_set.labels.tolist() == [0] * 6 + [1] * 6 and test_set.labels.tolist() == [0, 0, 1, 1]
+    err = capsys.readouterr().err
+    assert "skipped 3 unreadable files" in err
+    assert f"warning: dropped 1 class without readable images: blank (in {image_dir / 'train'})" in err
+
+
+def test_image_folder_refuses_a_class_named_train_or_test(tmp_path, capsys):
+    """train/ and test/ are the splits, never classes: a flat folder with a class of either name is refused in one
+    line that says so (test/ was taken as an empty test split, train/ as a split without classes)."""
+    for name in ("test", "train"):
+        root = tmp_path / name
+        for folder in ("cat", name):
+            (root / folder).mkdir(parents=True)
+            write_image(root / folder / "0.png", seed=0)
+        with pytest.raises(SystemExit) as e:
+            data.image_folder_data(str(root), LAYOUT)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        split = {"test": "test", "train": "training"}[name]
+        assert f"{root / name} has no class sub-folders, but a folder named {name} is the {split} split" in err
+        assert "rename it" in err and "put the images in" not in err
 
 
 def write_cifar_batches(root, per_batch=4, seed=0):
@@ -145,7 +180,7 @@ def test_speech_commands_split(tmp_path):
     expected = lambda subset: {v: w for v, (w, s) in files.items() if s == subset and w != "yes"}  # noqa: E731
     assert members(train_set, words) == expected("training")
     assert members(test_set, words) == expected("testing")
-    train_set, test_set, words = data.speech_commands(str(tmp_path), "yes,two")
+    train_set, test_set, words = data.speech_commands(str(tmp_path), ["yes", "two"])
     assert words == ["yes", "two"]
     assert members(train_set, words) == {1100: "yes", 300: "two"}
     assert members(test_set, words) == {1102: "yes", 302: "two"}
@@ -206,8 +241,67 @@ def test_audio_folder_resamples_mixes_pads_and_skips(tmp_path, capsys):
     assert short[:4000].eq(500 / 32768).all() and short[4000:].eq(0).all()
     assert clips[(-20000, "world")].eq(-20000 / 32768).all()  # trimmed to 1 s, not normalised
     assert clips[(8192, "world")][:1600].eq(0.25).all()  # the 32-bit float file
-    train_set, test_set, words, _ = data.audio_folder(str(words_dir), "world")
+    train_set, test_set, words, _ = data.audio_folder(str(words_dir), ["world"])
     assert words == ["world"] and len(train_set) == 3 and test_set is None
+
+
+def corrupt_copy(source, path, rate=None, cut=0):
+    """A copy of a 16-bit WAV file written by write_pcm (a 44-byte header), with the sample rate in its header set to
+    `rate`, or its last `cut` bytes missing (its data chunk cut short)."""
+    content = bytearray(source.read_bytes())
+    if rate is not None:
+        content[24:28] = struct.pack("<I", rate)
+    path.write_bytes(bytes(content[: len(content) - cut]))
+
+
+def write_float32(path, values, rate=16000):
+    """A mono 32-bit IEEE float WAV of these values."""
+    payload = np.asarray(values, "<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(payload)) + payload
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_audio_folder_skips_wavs_with_corrupt_rates_truncated_data_or_nan(tmp_path, capsys):
+    """Such files are unreadable, skipped and counted: a rate of 0 aborted the load with a traceback, 0xFFFFFFFF
+    Hz tried to allocate terabytes, NaN samples became garbage clips, a file cut short a clip cut short."""
+    words_dir = tmp_path / "words"
+    for i in range(3):
+        write_constant(words_dir / "hello" / f"good_{i}.wav", 1000 + i)
+    good = words_dir / "hello" / "good_0.wav"
+    corrupt_copy(good, words_dir / "hello" / "a_rate_0.wav", rate=0)
+    corrupt_copy(good, words_dir / "hello" / "b_rate_max.wav", rate=0xFFFFFFFF)
+    corrupt_copy(good, words_dir / "hello" / "c_cut_short.wav", cut=1000)
+    write_float32(words_dir / "hello" / "d_nan.wav", [0.5] * 800 + [math.nan] + [0.5] * 799)
+    write_float32(words_dir / "hello" / "e_inf.wav", [-math.inf] + [0.5] * 1599)
+    train_set, test_set, words, skipped = data.audio_folder(str(words_dir))
+    err = capsys.readouterr().err
+    assert words == ["hello"] and skipped == 5 and test_set is None
+    assert "warning: skipped 5 unreadable files, e.g." in err and "a sample rate of 0 Hz" in err
+    assert sorted(round(x[0].item() * 32768) for x, _ in (train_set[i] for i in range(3))) == [1000, 1001, 1002]
+    assert len(train_set) == 3 and train_set.clips.abs().max() == 1002
+
+
+def test_audio_folder_drops_a_word_without_readable_wavs(tmp_path, capsys):
+    words_dir = tmp_path / "words"
+    write_constant(words_dir / "hello" / "good.wav", 1000)
+    (words_dir / "hush").mkdir(parents=True)  # sorts between the other two: world's label moves down
+    for i in range(9):
+        (words_dir / "hush" / f"{i}.wav").write_bytes(b"not a wav")
+    write_constant(words_dir / "hush" / "9.wav", 7)  # readable, but the 10th file is a test file
+    (words_dir / "hush" / "broken.wav").write_bytes(b"RIFF\x00\x00garbage")
+    for i in range(10):
+        write_constant(words_dir / "world" / f"{i}.wav", 2000 + i)
+    train_set, test_set, words, skipped = data.audio_folder(str(words_dir))
+    assert words == ["hello", "world"] and skipped == 10
+    assert sorted(train_set.labels.tolist()) == [0] + [1] * 9 and test_set.labels.tolist() == [1]
+    assert round(test_set[0][0][0].item() * 32768) == 2009  # world's test file; hush's is not read
+    assert f"warning: dropped 1 word without a readable WAV file to train on: hush (in {words_dir})" in (
+        capsys.readouterr().err)
+    (words_dir / "hello" / "good.wav").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:  # nothing left to train on
+        data.audio_folder(str(words_dir), ["hello", "hush"])
+    assert e.value.code == 2 and "no readable WAV files" in capsys.readouterr().err
 
 
 def test_mnist_files_are_read_as_they_are(tmp_path, monkeypatch, capsys):
@@ -232,3 +326,14 @@ def test_mnist_files_are_read_as_they_are(tmp_path, monkeypatch, capsys):
         data.mnist_data(str(tmp_path / "empty"), "mnist")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "train-images-idx3-ubyte" in err
+
+
+def test_word_names_with_commas_or_spaces_are_read_back_as_they_are(tmp_path):
+    """The classes travel as a list (train_audio.py -> checkpoint -> evaluate.py), never joined into one string."""
+    words = [" padded ", "yes,no"]
+    for w in words:
+        for i in range(3):
+            write_pcm(tmp_path / "words" / w / f"{i}.wav", torch.full((1, 800), 1000 * (i + 1)))
+    source = dict(name="audio-folder", root=str(tmp_path / "words"), words=words)
+    train_set, _, found = data.load_dataset(source, media.audio_layout(length=1600))
+    assert found == words and len(train_set) == 6

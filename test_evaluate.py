@@ -1,8 +1,10 @@
 """evaluate.py: the metrics on known cases (the yardstick can fail), the classifier and its cache, the whole
 command on image and audio checkpoints, JSON, bad input."""
 
+import errno
 import json
 import math
+import os
 from urllib.error import URLError
 
 import numpy as np
@@ -232,3 +234,34 @@ def test_bad_input(mnist_run, tmp_path, capsys, monkeypatch):
     fails(capsys, ["--ckpt", ckpt, "--data", str(tmp_path / "empty"), "--device", "cpu"], "could not download MNIST")
     fails(capsys, ["--ckpt", str(out / "uncond" / "ckpt.pt"), "--cfg", "2"], "guidance needs a class-conditional")
     fails(capsys, ["--ckpt", ckpt, "--temperature", "nan"], "not a finite number")
+
+
+def test_a_file_that_is_not_a_classifier_is_never_overwritten(mnist_run, tmp_path, capsys):
+    """--classifier pointed at a training checkpoint by mistake: refused before the data is read, the file kept."""
+    root, out = mnist_run
+    ckpt = out / "cond" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    fails(capsys, ["--ckpt", str(ckpt), "--classifier", str(ckpt), "--data", str(tmp_path / "nothing")],
+          "left as it is")
+    assert ckpt.read_bytes() == before
+    fails(capsys, ["--ckpt", str(ckpt), "--json", str(tmp_path)], "is a folder")  # before the sampling, not after
+
+
+def test_a_read_only_data_folder_leaves_the_classifier_uncached(mnist_run, tmp_path, capsys, monkeypatch):
+    """A shared dataset that cannot be written to (as root, where permissions do not bite, the write is refused
+    as the system would refuse it): a warning, and the scores all the same."""
+    root, out = mnist_run
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.abspath(path).startswith(str(root)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "open", read_only, raising=False)
+    before = sorted(os.listdir(root))
+    flags = ["--steps", "2", "--classifier-steps", "30", "--bpd-examples", "0", "--device", "cpu", "--n", "3"]
+    evaluate.main(["--ckpt", str(out / "cond" / "ckpt.pt"), "--json", str(tmp_path / "s.json"), *flags])
+    err = capsys.readouterr().err
+    assert "the classifier is not cached" in err and "Permission denied" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "s.json").read_text())["samples"] == 30
+    assert sorted(os.listdir(root)) == before  # no temporary file left behind

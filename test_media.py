@@ -1,7 +1,9 @@
 """media.py: token layouts, image files and grids, WAV files and clips."""
 
+import io
 import math
 import struct
+import time
 import wave
 
 import numpy as np
@@ -179,3 +181,103 @@ def test_prepare_clip_mixes_resamples_pads_and_trims():
     assert clip[8100:].abs().max() == 0  # 0.5 s of sound, then zeros
     spectrum = torch.fft.rfft(clip[:8000]).abs()  # 0.5 s at 16 kHz: bin k is 2k Hz
     assert spectrum.argmax().item() * 2 == 440
+
+
+def test_read_wav_refuses_corrupt_rates_truncated_data_and_nan(tmp_path):
+    pcm = (np.sin(np.arange(1600) / 10) * 10000).astype("<i2").tobytes()
+    write_riff(tmp_path / "whole.wav", 1, 1, 16, pcm)
+    for rate in (0, 768001, 0xFFFFFFFF):  # 0 Hz, or above 768 kHz: a corrupt header
+        header = bytearray((tmp_path / "whole.wav").read_bytes())
+        header[24:28] = struct.pack("<I", rate)
+        (tmp_path / "rate.wav").write_bytes(bytes(header))
+        with pytest.raises(ValueError, match=f"a sample rate of {rate} Hz"):
+            read_wav(tmp_path / "rate.wav")
+    (tmp_path / "cut.wav").write_bytes((tmp_path / "whole.wav").read_bytes()[:-1000])  # a copy cut short
+    with pytest.raises(ValueError, match="truncated: its data chunk should hold 3,200 bytes, the file ends after"):
+        read_wav(tmp_path / "cut.wav")
+    for bad, bits in ((math.nan, 32), (math.inf, 32), (1e300, 64)):  # 1e300 is infinite as a float32
+        values = np.array([0.0, 0.5, bad, -0.5], "<f4" if bits == 32 else "<f8")
+        write_riff(tmp_path / "float.wav", 3, 1, bits, values.tobytes())
+        with pytest.raises(ValueError, match="NaN or infinite samples"):
+            read_wav(tmp_path / "float.wav")
+    # a writer streaming to a pipe cannot go back to write the sizes: 0xFFFFFFFF means "up to the end of the file"
+    streamed = bytearray((tmp_path / "whole.wav").read_bytes())
+    streamed[40:44] = struct.pack("<I", 0xFFFFFFFF)
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    assert torch.equal(read_wav(tmp_path / "streamed.wav")[0], read_wav(tmp_path / "whole.wav")[0])
+
+
+def test_resampling_ratio_is_bounded_and_nearly_exact():
+    """Every rate is resampled by a ratio of terms <= RESAMPLE_TERMS (a kernel of at most a few MB), off by under
+    1 / (RESAMPLE_TERMS - 1) relatively (the speed and pitch error), and exactly for the usual rates."""
+    terms = media.RESAMPLE_TERMS
+    high = media.WAV_RATES[1]
+    rates = [*range(1000, high + 1, 97), 16001, 47999, 44056, 767999, 15999, high]  # 1 kHz: 1/22 of 22,050 Hz
+    for target in (16000, 8000, 22050):
+        for rate in rates:
+            old, new = media.resampling_ratio(rate, target)
+            assert 1 <= old <= terms and 1 <= new <= terms, (rate, target)
+            assert abs(new * rate / (old * target) - 1) < 1 / (terms - 1), (rate, target)
+    for rate in (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 192000, 384000):
+        old, new = media.resampling_ratio(rate, 16000)
+        assert new * rate == old * 16000, rate
+    with pytest.raises(ValueError, match="a sample rate of 15 Hz is too far from 16,000 Hz"):  # a ratio below 1/P
+        media.resampling_ratio(15, 16000)
+
+
+def write_tone(path, rate, seconds=1.0, hz=440):
+    t = torch.arange(round(rate * seconds)) / rate
+    write_pcm(path, (16000 * torch.sin(2 * math.pi * hz * t)).round()[None], rate=rate)
+
+
+def test_odd_sample_rates_resample_fast_and_keep_the_pitch(tmp_path):
+    """torchaudio's exact ratio took 13 s and 4.6 GB for 1 s at 16,001 Hz, 53 s and 13 GB at 47,999 Hz."""
+    for rate in (16001, 47999):
+        write_tone(tmp_path / f"{rate}.wav", rate)
+        start = time.perf_counter()
+        waveform, r = read_wav(tmp_path / f"{rate}.wav")
+        clip = prepare_clip(waveform, r, 16000, 16000)
+        assert time.perf_counter() - start < 2, rate
+        assert clip.shape == (16000,) and clip.abs().max() > 0.4
+        spectrum = torch.fft.rfft(clip).abs()  # 1 s at 16 kHz: bin k is k Hz
+        assert abs(spectrum.argmax().item() - 440) <= 1, rate
+        assert torch.equal(media.read_clip(tmp_path / f"{rate}.wav", 16000, 16000), clip)
+
+
+def test_prepare_clip_resamples_only_the_frames_the_clip_needs():
+    """Trimming a long waveform before resampling leaves the clip as resampling all of it would make it."""
+    import torchaudio
+
+    noise = torch.rand(2, 3 * 47999, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for rate in (47999, 11111, 44100):
+        old, new = media.resampling_ratio(rate, 16000)
+        assert media.input_frames(rate, 16000, 16000) < 1.1 * rate
+        whole = torchaudio.functional.resample(noise[:, : 3 * rate].mean(0), old, new)[:16000]
+        torch.testing.assert_close(prepare_clip(noise[:, : 3 * rate], rate, 16000, 16000), whole, atol=1e-6, rtol=0)
+
+
+def test_read_clip_reads_only_the_frames_the_clip_needs(tmp_path, monkeypatch):
+    """10 minutes of 32-bit float at 8 kHz (19 MB), NaN after the first 2 s: the first second of a clip reads
+    about 1 s of it, so the NaNs are never met (read whole, the file is refused)."""
+    rate, minutes = 8000, 10
+    values = np.full(rate * 60 * minutes, np.nan, dtype="<f4")
+    values[: 2 * rate] = 0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)
+    write_riff(tmp_path / "long.wav", 3, 1, 32, values.tobytes(), rate=rate)
+    with pytest.raises(ValueError, match="NaN"):
+        read_wav(tmp_path / "long.wav")
+    read_bytes = []
+
+    class CountingFile(io.FileIO):  # counts the bytes read from the file, through any buffering
+        def readinto(self, buffer):
+            read_bytes.append(super().readinto(buffer))
+            return read_bytes[-1]
+
+        def readall(self):
+            read_bytes.append(len(data := super().readall()))
+            return data
+
+    monkeypatch.setattr(media, "open", lambda path, mode: io.BufferedReader(CountingFile(path)), raising=False)
+    clip = media.read_clip(tmp_path / "long.wav", 16000, 16000)
+    assert sum(read_bytes) < 1.1 * rate * 4  # 1 s of 4-byte samples, and the resampler's few more
+    expected = prepare_clip(torch.from_numpy(values[None, : 2 * rate]), rate, 16000, 16000)
+    assert torch.equal(clip, expected) and clip.abs().max() > 0.4

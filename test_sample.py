@@ -1,5 +1,6 @@
 """sample.py: grids, WAVs, prompts, modes, bad input."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -454,3 +455,33 @@ def test_the_checkpoint_says_which_guidance_to_use(ckpts, tmp_path, capsys):
     assert ", 3 steps, cfg 2)" in capsys.readouterr().out
     run_sample(str(tmp_path / "flat.pt"), tmp_path / "out", "--n", "1", "--cfg", "3", "--cfg-ramp")
     assert ", 3 steps, cfg 3 ramped)" in capsys.readouterr().out
+
+
+def test_a_mask_is_what_the_model_can_use_or_one_line(ckpts, tmp_path, capsys):
+    write_png(tmp_path / "prompt.png", np.zeros((8, 8, 3)))
+    prompt = ["--prompt", str(tmp_path / "prompt.png")]
+    for spec in ("random:-0.5", "random:", "random:half", "random:1.5", "center:0.3"):
+        fails_with(capsys, ckpts["any_order"], tmp_path, f"--mask {spec}:", *prompt, "--mask", spec)
+    write_png(tmp_path / "big.png", np.full((16, 16, 3), 255))  # the model's images are 8x8: not resized unseen
+    fails_with(capsys, ckpts["any_order"], tmp_path, "is 16x16 pixels and the model's images are 8x8", *prompt,
+               "--mask", str(tmp_path / "big.png"))
+    (tmp_path / "fake.png").write_text("not an image")
+    fails_with(capsys, ckpts["any_order"], tmp_path, "cannot read it as an image", *prompt, "--mask",
+               str(tmp_path / "fake.png"))
+
+
+def test_a_full_disk_leaves_no_empty_files(ckpts, tmp_path, monkeypatch, capsys):
+    """np.savez on a full disk raises OSError(ENOSPC) after writing part of the file."""
+    def savez_on_a_full_disk(path, **arrays):
+        with open(path, "wb") as f:
+            f.write(b"PK")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", savez_on_a_full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: run_sample(ckpts["image"], out, "--n", "1"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "cannot write" in err and "samples.npz" in err and "is full" in err
+    assert os.listdir(out) == []  # neither a half-written samples.npz nor a temporary file

@@ -1,5 +1,7 @@
 """trainer.py and the training scripts: checkpoints, the loop, resume, Ctrl-C, torchrun, bad input."""
 
+import contextlib
+import errno
 import inspect
 import math
 import os
@@ -397,7 +399,8 @@ def test_torchrun_two_processes(image_dir, tmp_path):
     assert "batch 4 x 2 processes = 8 per step" in result.stdout
     assert result.stdout.count("step 3/3 |") == 1  # only rank 0 logs
     _, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
-    assert ckpt["step"] == 3 and sorted(os.listdir(out)) == ["ckpt.pt", "log.csv", "loss.png", "samples_000003.png"]
+    written = [".lock", "ckpt.pt", "log.csv", "loss.png", "samples_000003.png"]
+    assert ckpt["step"] == 3 and sorted(os.listdir(out)) == written
 
 
 @pytest.mark.parametrize(
@@ -561,3 +564,85 @@ def test_patch_size_sets_the_tokens(tmp_path, capsys):
         [*common, "--out", str(tmp_path / "bad"), "--patch", "5"],
         "--patch 5 does not divide the 28x28 images",
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# What clusters and shared disks do to long runs
+
+
+def test_sigterm_to_the_whole_job_with_loader_workers_saves_a_checkpoint(image_dir, tmp_path):
+    """Slurm, systemd and preemption signal the whole process group: the loader's workers as well as the loop."""
+    out = tmp_path / "run"
+    command = [sys.executable, "train_image.py", "--image-folder", str(image_dir), "--out", str(out), *FAST,
+               "--num-workers", "2", "--steps", "100000", "--eval-every", "0", "--sample-every", "0"]
+    proc = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "checkpoint saved" in stdout and "Traceback" not in stderr, stderr
+    _, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] >= 3
+
+
+def test_a_second_training_into_the_same_folder_is_refused_naming_the_first(image_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = start_training(image_dir, out, "--steps", "100000", "--eval-every", "0", "--sample-every", "0")
+    try:
+        for line in first.stdout:
+            if line.startswith("step 1/"):
+                break
+        err = one_line_exit(capsys, train_image.main, ["--image-folder", str(image_dir), "--out", str(out), *FAST],
+                            "another training")
+        assert f"process {first.pid}" in err
+    finally:
+        first.kill()
+        first.communicate()
+    trainer.RUN_FOLDERS_HELD.clear()
+
+
+def test_a_checkpoint_path_that_is_a_folder_gets_one_message(image_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "ckpt.pt").mkdir(parents=True)
+    for resume in ([], ["--resume"]):
+        argv = ["--image-folder", str(image_dir), "--out", str(out), *FAST, *resume]
+        err = one_line_exit(capsys, train_image.main, argv, "is not a file")
+        assert "--resume" not in err
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(image_dir, tmp_path, monkeypatch, capsys):
+    """The disk fills up while the second checkpoint is written (torch.save raises a RuntimeError over the file
+    object's OSError, as it does on a full disk): one line, the first checkpoint intact, no temporary file left."""
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"half a checkpoint")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    os.remove(image_dir / "train" / "cat" / "broken.png")  # its warning would be a second line
+    out = tmp_path / "run"
+    argv = ["--image-folder", str(image_dir), "--out", str(out), *FAST, "--steps", "4", "--ckpt-every", "2",
+            "--eval-every", "0", "--sample-every", "0", "--eval-bpd-every", "0"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(lambda: train_image.main(argv))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "disk" in err and "full" in err and "intact" in err and "Traceback" not in err
+    monkeypatch.undo()
+    _, ckpt = cli.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 2
+    assert not [name for name in os.listdir(out) if "tmp" in name]

@@ -87,7 +87,7 @@ def main(argv=None):
                         help="clip length: clips are padded or trimmed to it")
     args = parser.parse_args(argv)
     setup(args)
-    words = [w.strip() for w in args.words.split(",")] if args.words is not None else None
+    words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words is not None else None
     if args.audio_folder is not None:
         source = dict(name="audio-folder", root=os.path.abspath(args.audio_folder), words=words)
     else:

@@ -11,6 +11,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import fcntl
 import math
 import os
 import signal
@@ -29,7 +30,7 @@ from adr import ADR, SAMPLERS, SIZES, ADRConfig
 from cli import (DEVICE_HELP, GUIDANCE, SAMPLING, CheckpointError, OneLineErrors, check_writable, default_device, fail,
                  fixed_seed, format_time, held_out_batches, held_out_bpd, load_checkpoint, log, number, pick_device,
                  save_checkpoint, warn)
-from media import layout_shape, to_tokens
+from media import OutputError, atomic_output, layout_shape, to_tokens
 
 # ----------------------------------------------------------------------------------------------
 # The training scripts' argument types
@@ -257,11 +258,14 @@ LOG_COLUMNS = ["step", "train_loss", "test_loss", "test_bpd", "test_bpd_stderr",
 def write_log(path, rows, append):
     """log.csv: one row per step where something was measured; blank where it was not."""
     new = not append or not os.path.exists(path)
-    with open(path, "w" if new else "a", newline="") as f:
-        writer = csv.DictWriter(f, LOG_COLUMNS, restval="")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    try:
+        with open(path, "w" if new else "a", newline="") as f:
+            writer = csv.DictWriter(f, LOG_COLUMNS, restval="")
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror}") from None
 
 
 def plot_losses(history, path):
@@ -285,13 +289,46 @@ def plot_losses(history, path):
         right.errorbar(steps, bpd, yerr=[0 if math.isnan(s) else s for s in stderr], marker="o", capsize=3)
     right.set(xlabel="step", ylabel="bits per dimension", title="held-out bits/dim (EMA, upper bound)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
-def ignore_sigint(worker_id):
-    """Data loader processes leave Ctrl-C to the main process, which saves a checkpoint before it stops."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what Slurm, systemd and preemption send to the whole job
+
+
+def leave_stop_signals_to_the_main_process(worker_id):
+    """Data loader processes ignore the stop signals sent to the whole process group: the main process stops at the
+    next step boundary and saves a checkpoint, which it could not do with its workers gone."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+RUN_FOLDERS_HELD = {}  # folder -> its open lock file, held (and the lock with it) until the process ends
+
+
+def hold_run_folder(folder):
+    """One training at a time per --out: an exclusive lock on DIR/.lock, released by the system when the process
+    ends however it ends. A second run is refused in one line naming the first one's process ID."""
+    folder = os.path.abspath(folder)
+    if int(os.environ.get("RANK", 0)) != 0 or folder in RUN_FOLDERS_HELD:
+        return  # under torchrun only the first process writes the run's files
+    path = os.path.join(folder, ".lock")
+    try:
+        lock_file = open(path, "a+")
+    except OSError as e:
+        fail(f"--out {folder}: cannot create {path} ({e.strerror})")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        fail(f"--out {folder}: another training (process {holder}) is writing there; wait for it to end, or choose "
+             f"another --out")
+    lock_file.truncate(0)
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
+    RUN_FOLDERS_HELD[folder] = lock_file
 
 
 # The flags a resumed run may change (with a warning), and those that make it another run.
@@ -309,11 +346,14 @@ def check_run(args, source, layout):
         fail(f"--model: d_model {fields.d_model} must split into n_head {fields.n_head} heads of an even width")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file: pass a folder")
+    if os.path.exists(path) and not os.path.isfile(path):
+        fail(f"{path} is not a file: move it out of the way, or choose another --out")
     if args.resume and not os.path.isfile(path):
         fail(f"--resume: no checkpoint at {path}; run without --resume to start, or point --out at an earlier run")
     if not args.resume and os.path.exists(path):
         fail(f"{path} exists: pass --resume to continue that run, or choose another --out")
     check_writable(args.out, "--out")
+    hold_run_folder(args.out)
     if not args.resume:
         return
     try:
@@ -393,7 +433,8 @@ def data_loader(args, task, rank, world, cuda):
                                  drop_last=True)
     workers = args.num_workers if args.num_workers is not None else (min(4, os.cpu_count() or 1) if cuda else 0)
     loader = DataLoader(task.train_set, args.batch_size, sampler=sampler, num_workers=workers, pin_memory=cuda,
-                        drop_last=True, worker_init_fn=ignore_sigint, persistent_workers=workers > 0)
+                        drop_last=True, worker_init_fn=leave_stop_signals_to_the_main_process,
+                        persistent_workers=workers > 0)
     if len(loader) == 0:
         fail(f"the training set has {len(task.train_set)} examples, fewer than one batch of {args.batch_size} "
              f"per process: lower --batch-size")
@@ -456,13 +497,17 @@ def save_run(path, model, ema, optimizer, task, args, step, history, elapsed):
                  f"Lower --lr, or check the data")
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
     plain_args["model"] = [f"{k}={v}" for k, v in args.model]
-    save_checkpoint(path, model, task.layout, task.class_names, ema=ema, step=step, source=task.source,
-                    optimizer=optimizer.state_dict(), history=history, elapsed=elapsed, args=plain_args)
+    try:
+        save_checkpoint(path, model, task.layout, task.class_names, ema=ema, step=step, source=task.source,
+                        optimizer=optimizer.state_dict(), history=history, elapsed=elapsed, args=plain_args)
+    except OutputError as e:
+        kept = "the checkpoint already there is intact" if os.path.exists(path) else "no checkpoint was saved"
+        fail_run(f"{e} at step {step}; {kept}")
 
 
 def train(args, task: Task) -> None:
     """Set up, then train until --steps or --minutes, logging, measuring, sampling and saving as they fall due. A
-    Ctrl-C or SIGTERM ends the run at the next step boundary with a checkpoint (exit code 130)."""
+    Ctrl-C or SIGTERM ends the run at the next step boundary with a checkpoint (exit code 130 or 143)."""
     rank, world, device = setup(args)
     main, cuda = rank == 0, device.type == "cuda"
     if not cuda and args.size != "tiny":
@@ -491,11 +536,11 @@ def train(args, task: Task) -> None:
     stop = []  # a Ctrl-C or SIGTERM lands here; the loop saves a checkpoint at the next step boundary
 
     def request_stop(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
         stop.append(signum)
+        if len(stop) > 1:
+            raise KeyboardInterrupt
 
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_handlers = {s: signal.signal(s, request_stop) for s in STOP_SIGNALS}
 
     def elapsed():
         return elapsed_before + time.time() - start_time
@@ -558,7 +603,7 @@ def train(args, task: Task) -> None:
                     break
     except KeyboardInterrupt:
         log(f"\ninterrupted again: quit without saving; {ckpt_path} holds the last periodic checkpoint, if any")
-        sys.exit(130)
+        sys.exit(128 + (stop[-1] if stop else signal.SIGINT))  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
@@ -570,7 +615,7 @@ def train(args, task: Task) -> None:
             log(f"\nstopped at step {step}{of_steps}: checkpoint saved to {ckpt_path}; continue with --resume")
         if world > 1:
             dist.destroy_process_group()
-        sys.exit(130)
+        sys.exit(128 + (stop[0] if stop else signal.SIGTERM))  # no signal here: another process of the job had one
     log(f"done: {step} steps in {format_time(elapsed())}; checkpoint {ckpt_path}, samples and loss.png in {args.out}")
     if world > 1:
         dist.destroy_process_group()
