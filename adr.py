@@ -59,7 +59,7 @@ def retention_parallel(q, k, v, log_gamma):
 
 def retention_recurrent(q, k, v, log_gamma, state):
     """Recurrent form, one token: S_n = gamma S_{n-1} + k_n^T v_n,  o_n = q_n S_n (RetNet eq. 6)."""
-    state = log_gamma.exp() * state + k.transpose(-1, -2) * v  # k_n^T v_n, an outer product: one multiplication
+    state = (log_gamma.exp() * state).addcmul_(k.transpose(-1, -2), v)  # + k_n^T v_n in place: never stored
     return q @ state.to(q.dtype), state
 
 
