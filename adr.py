@@ -31,6 +31,7 @@ class ADRConfig:
     diffusion_batch_mul: int = 4  # t draws per token per training step
     clip_x0: bool = True  # tokens lie in [-1, 1]: clamp the predicted x_0 in each sampling step
     order: str = "raster"  # the order tokens are read in training: "raster", or "random" per sequence (any-order)
+    input_noise: float = 0.0  # std of Gaussian noise on the tokens the backbone reads in training (exposure bias)
 
 
 SIZES = {
@@ -398,7 +399,10 @@ class ADR(nn.Module):
             labels = labels.masked_fill(torch.rand(labels.shape, device=labels.device) < self.config.class_dropout,
                                         self.config.num_classes)
         order = torch.rand(tokens.shape[:2], device=tokens.device).argsort(1) if self.config.order == "random" else None
-        z = self.condition(tokens, labels, order)
+        # the backbone reads noisy tokens, as it will read its own imperfect samples; the head learns the clean ones
+        noise = self.config.input_noise if self.training else 0.0
+        noisy = tokens + noise * torch.randn_like(tokens) if noise else tokens
+        z = self.condition(noisy, labels, order)
         tokens = tokens if order is None else tokens.gather(1, order[..., None].expand_as(tokens))
         return self.head.loss(tokens.flatten(0, 1), z.flatten(0, 1))
 

@@ -462,6 +462,26 @@ def test_the_null_class_is_what_no_labels_means():
         assert torch.equal(model.condition(tokens), model.condition(tokens, torch.tensor([3, 3])))
 
 
+def test_input_noise_reaches_the_backbone_in_training_only(monkeypatch):
+    """With input_noise the backbone reads tokens plus N(0, sigma^2) noise in training, and the head still learns
+    the clean tokens; in eval mode (the held-out loss) and with input_noise 0 it reads the clean tokens."""
+    seen = {}
+    model = tiny_model(input_noise=0.25)
+    condition, loss = model.condition, model.head.loss
+    monkeypatch.setattr(model, "condition", lambda t, *a: seen.update(read=t) or condition(t, *a))
+    monkeypatch.setattr(model.head, "loss", lambda x0, z: seen.update(learnt=x0) or loss(x0, z))
+    tokens = torch.rand(64, 10, 6) * 2 - 1
+    model(tokens, torch.zeros(64, dtype=torch.long))
+    assert torch.equal(seen["learnt"], tokens.flatten(0, 1))
+    assert abs((seen["read"] - tokens).std().item() - 0.25) < 0.01
+    model.eval()(tokens, torch.zeros(64, dtype=torch.long))
+    assert torch.equal(seen["read"], tokens)
+    quiet = tiny_model()
+    monkeypatch.setattr(quiet, "condition", lambda t, *a, c=quiet.condition: seen.update(read=t) or c(t, *a))
+    quiet(tokens, torch.zeros(64, dtype=torch.long))
+    assert torch.equal(seen["read"], tokens)
+
+
 # ----------------------------------------------------------------------------------------------
 # Any order: random-order training, infilling, several tokens per backbone step
 

@@ -480,12 +480,13 @@ def test_wave_tokens_and_the_clip_length(tmp_path, capsys):
              "--eval-examples", "2", "--bpd-examples", "2", "--num-workers", "0", "--device", "cpu", "--steps", "1",
              "--warmup", "0"]
     train_audio.main(flags + ["--out", str(tmp_path / "wave"), "--tokens", "wave"])
-    model, ckpt = cli.load_checkpoint(str(tmp_path / "wave" / "ckpt.pt"))
+    wave_model, ckpt = cli.load_checkpoint(str(tmp_path / "wave" / "ckpt.pt"))
     assert ckpt["layout"] == dict(kind="audio", tokens="wave", sample_rate=16000, length=16000, chunk=160, mu=255.0)
-    assert (model.config.seq_len, model.config.token_dim) == (100, 160)
+    assert (wave_model.config.seq_len, wave_model.config.token_dim) == (100, 160)
     train_audio.main(flags + ["--out", str(tmp_path / "half"), "--seconds", "0.5"])
     model, ckpt = cli.load_checkpoint(str(tmp_path / "half" / "ckpt.pt"))
     assert ckpt["layout"]["length"] == 8000 and (model.config.seq_len, model.config.token_dim) == (32, 80)
+    assert (model.config.input_noise, wave_model.config.input_noise) == (trainer.LAYOUT_FIELDS["mel"]["input_noise"], 0)
     with wave.open(str(tmp_path / "half" / "samples" / "step_000001" / "go.wav")) as f:
         assert f.getnframes() == 8000
     capsys.readouterr()
@@ -497,6 +498,17 @@ def test_wave_tokens_and_the_clip_length(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
         assert "data:" not in out  # before any data was read
+    # a mel run from before input_noise (no such field in its checkpoint) goes on with the model it was
+    path = tmp_path / "half" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["config"]["input_noise"]
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit):
+        train_audio.main(flags + ["--out", str(tmp_path / "half"), "--seconds", "0.5", "--resume", "--steps", "2"])
+    assert "(input_noise=0.0)" in capsys.readouterr().err
+    train_audio.main(flags + ["--out", str(tmp_path / "half"), "--seconds", "0.5", "--resume", "--steps", "2",
+                              "--model", "input_noise=0"])
+    assert cli.load_checkpoint(str(path))[1]["step"] == 2
 
 
 def test_unconditional_samples_are_numbered(tmp_path):
@@ -548,7 +560,7 @@ def test_model_fields_can_be_changed_from_the_command_line(image_dir, tmp_path, 
         capsys,
         train_image.main,
         [*common, "--out", str(out), "--resume", "--steps", "2"],
-        "its model is --size tiny d_model=32 diffusion_batch_mul=1 clip_x0=False, and this run asks for",
+        "its model is --size tiny d_model=32 diffusion_batch_mul=1 clip_x0=False (d_model=32, clip_x0=False), and this run asks for",
     )
 
 

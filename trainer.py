@@ -52,9 +52,15 @@ def model_setting(text):
 DATA_FIELDS = ("token_dim", "seq_len", "num_classes", "order")  # set by the data and by --order
 
 
-def model_fields(args):
-    """The ADRConfig fields of --size, with --model's changes."""
-    return {**SIZES[args.size], **dict(args.model)}
+# What a token layout changes in the model on top of --size. Log-mel frames: the backbone reads its inputs with noise
+# (ADRConfig.input_noise) in training, so that its own imperfect frames at sampling time do not drift into loud
+# noise (RESULTS.md, "Speech"). Other layouts train as measured before.
+LAYOUT_FIELDS = {"mel": dict(input_noise=0.1)}
+
+
+def model_fields(args, layout):
+    """The ADRConfig fields of --size and the token layout, with --model's changes."""
+    return {**SIZES[args.size], **LAYOUT_FIELDS.get(layout.get("tokens"), {}), **dict(args.model)}
 
 
 def ema_decay(text):
@@ -341,7 +347,7 @@ def check_run(args, source, layout):
     and data); hyper-parameters that differ from the run's are named in a warning."""
     kind = layout["kind"]
     path = os.path.join(args.out, "ckpt.pt")
-    fields = ADRConfig(**model_fields(args))
+    fields = ADRConfig(**model_fields(args, layout))
     if fields.d_model % fields.n_head or (fields.d_model // fields.n_head) % 2:
         fail(f"--model: d_model {fields.d_model} must split into n_head {fields.n_head} heads of an even width")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -362,16 +368,17 @@ def check_run(args, source, layout):
         fail(f"--resume: {e}")
     if "optimizer" not in ckpt:
         fail(f"--resume: {path} holds no optimizer state (it is not a training run's checkpoint)")
-    config, size = ckpt["config"], asdict(ADRConfig(**model_fields(args)))
+    config, size = asdict(ADRConfig(**ckpt["config"])), asdict(ADRConfig(**model_fields(args, layout)))
     was = ckpt.get("args", {})
     if ckpt["layout"]["kind"] != kind:
         why = f"it holds an {ckpt['layout']['kind']} model, and this run trains an {kind} model"
-    elif any(config[k] != size[k] for k in size if k not in DATA_FIELDS):
-        why = (f"its model is --size {was.get('size', '?')} {' '.join(was.get('model', []))}, and this run asks for "
-               f"--size {args.size} {' '.join(f'{k}={v}' for k, v in args.model)}")
     elif ckpt["layout"] != layout:
         flags = "--patch" if kind == "image" else "--tokens or --seconds"
         why = f"its tokens are laid out otherwise ({flags} differ: it has {ckpt['layout']}, this run {layout})"
+    elif any(config[k] != size[k] for k in size if k not in DATA_FIELDS):
+        fields = ", ".join(f"{k}={config[k]}" for k in size if k not in DATA_FIELDS and config[k] != size[k])
+        why = (f"its model is --size {was.get('size', '?')} {' '.join(was.get('model', []))} ({fields}), and this run "
+               f"asks for --size {args.size} {' '.join(f'{k}={v}' for k, v in args.model)}")
     elif config.get("order", "raster") != args.order:
         why = f"it was trained in {config.get('order', 'raster')} order, and this run asks for --order {args.order}"
     elif (config["num_classes"] == 0) != bool(args.unconditional):
@@ -395,7 +402,7 @@ def resume(path, model, ema, optimizer, task):
         what = (f"its classes are {', '.join(ckpt['class_names'])} and the data's are {', '.join(task.class_names)}"
                 if ckpt["class_names"] != list(task.class_names) else "its token layout differs from this run's")
         fail(f"--resume: {path} belongs to another run: {what}; use that run's data, or another --out")
-    if ckpt["config"] != asdict(model.config):
+    if asdict(ADRConfig(**ckpt["config"])) != asdict(model.config):
         fail(f"--resume: {path} holds another model configuration than this adr.py makes for these flags")
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
@@ -408,7 +415,7 @@ def build_run(args, task, device, ckpt_path):
     the run's checkpoint left them. Returns (model, ema, optimizer, step, seconds trained before, history)."""
     seq_len, token_dim = layout_shape(task.layout)
     config = ADRConfig(token_dim=token_dim, seq_len=seq_len, num_classes=len(task.class_names), order=args.order,
-                       **model_fields(args))
+                       **model_fields(args, task.layout))
     model = ADR(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     matrices = [p for p in model.parameters() if p.dim() >= 2]
@@ -446,7 +453,8 @@ def describe_run(args, task, model, world, steps_per_epoch, device):
     if task.test_set is None:
         log("note: no test split, so the held-out loss and bits/dim are not measured")
     classes = f"class-conditional ({model.config.num_classes} classes)" if model.config.num_classes else "unconditional"
-    log(f"model: {args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {classes}, "
+    noise = f", inputs read with noise of std {model.config.input_noise:g}" if model.config.input_noise else ""
+    log(f"model: {args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {classes}{noise}, "
         f"on {device}")
     length = " and ".join(([f"{args.steps} steps"] if args.steps else []) +
                           ([f"{args.minutes:g} minutes"] if args.minutes else []))
