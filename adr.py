@@ -355,8 +355,7 @@ class DiffusionHead(nn.Module):
 class ADR(nn.Module):
     def __init__(self, config: ADRConfig):
         super().__init__()
-        self.config = config
-        d = config.d_model
+        self.config, d = config, config.d_model
         self.class_emb = nn.Embedding(config.num_classes + 1, d)  # on all inputs, null last: a start token would fade
         self.token_in = nn.Linear(config.token_dim, d)
         self.pos_emb = nn.Parameter(torch.randn(config.seq_len, d) * 0.02)  # the position an input asks for next
@@ -393,16 +392,13 @@ class ADR(nn.Module):
         return self.backbone(self.embed(ordered[:, :-1], labels, order, sources), form, chunk_size=chunk_size)[0]
 
     def forward(self, tokens, labels=None):
-        """Training loss: the head's diffusion loss on every token, conditioned on its z; a random-order model
-        reads each sequence in a random order of its own."""
+        """Training loss: the head's diffusion loss on each token given its z (random order: one order a sequence)."""
         if self.training and labels is not None:  # label dropout: the null class, for classifier-free guidance
             labels = labels.masked_fill(torch.rand(labels.shape, device=labels.device) < self.config.class_dropout,
                                         self.config.num_classes)
         order = torch.rand(tokens.shape[:2], device=tokens.device).argsort(1) if self.config.order == "random" else None
-        # the backbone reads noisy tokens, as it will read its own imperfect samples; the head learns the clean ones
-        noise = self.config.input_noise if self.training else 0.0
-        noisy = tokens + noise * torch.randn_like(tokens) if noise else tokens
-        z = self.condition(noisy, labels, order)
+        noise = self.config.input_noise * self.training  # the backbone reads noisy tokens, as it will read its samples
+        z = self.condition(tokens + noise * torch.randn_like(tokens) if noise else tokens, labels, order)
         tokens = tokens if order is None else tokens.gather(1, order[..., None].expand_as(tokens))
         return self.head.loss(tokens.flatten(0, 1), z.flatten(0, 1))
 

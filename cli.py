@@ -280,6 +280,7 @@ def load_checkpoint(path, device="cpu", use_ema=True):
     except (KeyError, TypeError, RuntimeError) as e:
         first_line = str(e).splitlines()[0]
         raise CheckpointError(f"{path} does not match this adr.py (config or weights differ: {first_line})") from None
+    ckpt["config"] = asdict(model.config)  # fields added since it was written: their defaults, as the model has them
     return model.eval(), ckpt
 
 

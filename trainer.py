@@ -368,7 +368,7 @@ def check_run(args, source, layout):
         fail(f"--resume: {e}")
     if "optimizer" not in ckpt:
         fail(f"--resume: {path} holds no optimizer state (it is not a training run's checkpoint)")
-    config, size = asdict(ADRConfig(**ckpt["config"])), asdict(ADRConfig(**model_fields(args, layout)))
+    config, size = ckpt["config"], asdict(ADRConfig(**model_fields(args, layout)))
     was = ckpt.get("args", {})
     if ckpt["layout"]["kind"] != kind:
         why = f"it holds an {ckpt['layout']['kind']} model, and this run trains an {kind} model"
@@ -376,8 +376,8 @@ def check_run(args, source, layout):
         flags = "--patch" if kind == "image" else "--tokens or --seconds"
         why = f"its tokens are laid out otherwise ({flags} differ: it has {ckpt['layout']}, this run {layout})"
     elif any(config[k] != size[k] for k in size if k not in DATA_FIELDS):
-        fields = ", ".join(f"{k}={config[k]}" for k in size if k not in DATA_FIELDS and config[k] != size[k])
-        why = (f"its model is --size {was.get('size', '?')} {' '.join(was.get('model', []))} ({fields}), and this run "
+        differ = ", ".join(f"{k}={config[k]}" for k in size if k not in DATA_FIELDS and config[k] != size[k])
+        why = (f"its model is --size {was.get('size', '?')} {' '.join(was.get('model', []))} ({differ}), and this run "
                f"asks for --size {args.size} {' '.join(f'{k}={v}' for k, v in args.model)}")
     elif config.get("order", "raster") != args.order:
         why = f"it was trained in {config.get('order', 'raster')} order, and this run asks for --order {args.order}"
@@ -402,7 +402,7 @@ def resume(path, model, ema, optimizer, task):
         what = (f"its classes are {', '.join(ckpt['class_names'])} and the data's are {', '.join(task.class_names)}"
                 if ckpt["class_names"] != list(task.class_names) else "its token layout differs from this run's")
         fail(f"--resume: {path} belongs to another run: {what}; use that run's data, or another --out")
-    if asdict(ADRConfig(**ckpt["config"])) != asdict(model.config):
+    if ckpt["config"] != asdict(model.config):
         fail(f"--resume: {path} holds another model configuration than this adr.py makes for these flags")
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
