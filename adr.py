@@ -323,10 +323,11 @@ class DiffusionHead(nn.Module):
         eps = self.net(self.diffusion.q_sample(x0, t, noise), t, cond)
         return F.mse_loss(eps.float(), noise.float())
 
-    def sample(self, z, steps=30, temperature=1.0, cfg_scale=1.0, sampler="dpm++sde", eta=0.0):
+    def sample(self, z, steps=30, temperature=1.0, cfg_scale=1.0, sampler="dpm++sde", eta=0.0, cfg_level=1.0):
         """One token per row of z by a reverse chain of `steps` denoiser calls: "ddpm" (ancestral), "ddim" (eta: the
         share of DDPM's noise), "dpm++" (DPM-Solver++(2M)) or "dpm++sde" (its SDE form). With guidance, z holds the
-        conditional rows, then the unconditional ones. Temperature scales the noise along the chain, or x_T for a
+        conditional rows, then the unconditional ones; cfg_level is the share of the guidance that the token's level
+        (the mean of its values) gets, 1 as the rest. Temperature scales the noise along the chain, or x_T for a
         deterministic one (ddim at eta = 0, dpm++)."""
         if sampler not in SAMPLERS or (eta and sampler != "ddim") or not 0 <= eta <= 1:
             raise ValueError(f"{sampler!r}, eta {eta}: use {SAMPLERS}; eta is for the ddim sampler, between 0 and 1")
@@ -337,8 +338,11 @@ class DiffusionHead(nn.Module):
         for i in reversed(range(len(diffusion))):
             t = torch.tensor(int(diffusion.timesteps[i]), device=z.device)
             eps = self.net(torch.cat([x, x]) if guided else x, t, cond).to(x.dtype)
-            if guided:  # classifier-free guidance: eps_u + w (eps_c - eps_u)
-                eps = eps[len(x) :] + cfg_scale * (eps[: len(x)] - eps[len(x) :])
+            if guided:  # classifier-free guidance: eps_u + w d, d = eps_c - eps_u; the mean of d over the token's
+                difference = eps[: len(x)] - eps[len(x) :]  # values (its level) gets 1 + (w - 1) cfg_level instead
+                eps = eps[len(x) :] + cfg_scale * difference
+                if cfg_level != 1.0:
+                    eps = eps + (cfg_scale - 1) * (cfg_level - 1) * difference.mean(-1, keepdim=True)
             noise = temperature * torch.randn_like(x) if sampler != "dpm++" else None  # ddim draws it at any eta
             if sampler in ("dpm++", "dpm++sde"):
                 x, previous = diffusion.dpm_solver_step(x, i, eps, previous, clip, float(sampler == "dpm++sde"), noise)
@@ -404,12 +408,14 @@ class ADR(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, labels=None, steps=30, temperature=1.0, cfg_scale=1.0, sampler="dpm++sde", eta=0.0, prompt=None,
-               known=None, mask=None, order=None, tokens_per_step=1, mode="recurrent", chunk_size=64, cfg_ramp=False):
+               known=None, mask=None, order=None, tokens_per_step=1, mode="recurrent", chunk_size=64, cfg_ramp=False,
+               cfg_level=1.0):
         """Generate n sequences of seq_len tokens. Known tokens are read first, chunkwise: a prompt (n, P, D) fixes the
         first P, or known (n, L, D) with mask ((L,) or (n, L), True where known) any. The rest come in `order`
         ("raster", or "random" for a random-order model; default: the model's), tokens_per_step at a time: asked
         for from one state, drawn by one batched head, entered into the state together. mode="parallel"
-        recomputes the whole prefix at every step. cfg_ramp: guidance grows as 1 + (w - 1) i / L (MAR)."""
+        recomputes the whole prefix at every step. cfg_ramp: guidance grows as 1 + (w - 1) i / L (MAR). cfg_level:
+        the share of the guidance that each token's level, the mean of its values, gets (DiffusionHead.sample)."""
         config, device, L, D = self.config, self.pos_emb.device, self.config.seq_len, self.config.token_dim
         order, guided = order or config.order, cfg_scale != 1.0
         if prompt is not None:
@@ -459,7 +465,7 @@ class ADR(nn.Module):
                 z, states = self.backbone(inputs(i, i + 1, queries), "recurrent", repeated, pos=i)
                 states = [s[::k] for s in states]
             scale = 1 + (cfg_scale - 1) * (i + k) / L if cfg_ramp else cfg_scale  # the i + k tokens there will be
-            new = self.head.sample(z[:, -1], steps, temperature, scale, sampler, eta)
+            new = self.head.sample(z[:, -1], steps, temperature, scale, sampler, eta, cfg_level)
             ordered[:, i : i + k] = new.view(n, k, -1)
             if mode == "recurrent" and 1 < k and i + k < L:  # the other new tokens enter the state
                 states = self.backbone(inputs(i + 1, i + k), "chunkwise", states, pos=i + 1, chunk_size=chunk_size)[1]

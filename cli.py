@@ -139,11 +139,27 @@ def format_time(seconds):
 # The head's reverse chain, one for every model: 30 steps of SDE-DPM-Solver++(2M), chosen with evaluate.py (RESULTS.md,
 # "The head's reverse chain"): on MNIST as accurate as 100 DDPM steps, on CIFAR-10 and speech nearer the data.
 SAMPLING = dict(sampler="dpm++sde", steps=30, temperature=1.0)
-# Classifier-free guidance by modality, chosen with evaluate.py: images 3.5 ramped from 1 as in MAR (RESULTS.md,
+# Classifier-free guidance by token type, chosen with evaluate.py: images 3.5 ramped from 1 as in MAR (RESULTS.md,
 # "Guidance and temperature", on MNIST); log-mel words 3 flat, which the classifier recognises 12 points more often
-# than 3.5 ramped, 9% further from the data (RESULTS.md, "Speech"). A checkpoint keeps the guidance of its modality
-# (its "sampling" entry), so sample.py and evaluate.py use it without flags.
-GUIDANCE = {"image": dict(cfg_scale=3.5, cfg_ramp=True), "audio": dict(cfg_scale=3.0, cfg_ramp=False)}
+# than 3.5 ramped, with half of it on each frame's level (cfg_level, the mean over its bands), as full guidance of the
+# level makes a third of the words far louder than speech (RESULTS.md, "Speech"); waveform tokens as mel tokens were
+# before. A checkpoint keeps the guidance of its tokens (its "sampling" entry), so sample.py and evaluate.py use it
+# without flags.
+GUIDANCE = {"image": dict(cfg_scale=3.5, cfg_ramp=True, cfg_level=1.0),
+            "mel": dict(cfg_scale=3.0, cfg_ramp=False, cfg_level=0.5),
+            "wave": dict(cfg_scale=3.0, cfg_ramp=False, cfg_level=1.0)}
+
+
+def guidance(layout):
+    """The default guidance of a token layout ("image" layouts name no tokens)."""
+    return dict(GUIDANCE[layout.get("tokens", layout["kind"])])
+
+
+def guidance_text(options):
+    """The guidance of sampling options in words: "cfg 3.5 ramped", "cfg 3, level 0.5"."""
+    level = options.get("cfg_level", 1.0) if options["cfg_scale"] != 1 else 1.0
+    text = f"cfg {options['cfg_scale']:g}{' ramped' * options['cfg_ramp']}"
+    return text + (f", level {level:g}" if level != 1 else "")
 
 
 def add_sampling_flags(p):
@@ -156,12 +172,16 @@ def add_sampling_flags(p):
                    help=f"reverse diffusion steps (denoiser calls) per token (default: {SAMPLING['steps']})")
     p.add_argument("--temperature", type=number(float, 0), default=SAMPLING["temperature"],
                    help=f"scale of the noise added at each reverse step (default: {SAMPLING['temperature']:g})")
-    guidance = ", ".join(f"{w['cfg_scale']:g}{' ramped' * w['cfg_ramp']} for {kind}" for kind, w in GUIDANCE.items())
+    scales = ", ".join(f"{w['cfg_scale']:g}{' ramped' * w['cfg_ramp']} for {kind}" for kind, w in GUIDANCE.items())
     p.add_argument("--cfg", type=number(float, 0), default=None, help="classifier-free guidance scale, 1 = none "
-                   f"(default: the checkpoint's, {guidance}; 1 for an unconditional model)")
+                   f"(default: the checkpoint's, {scales} tokens; 1 for an unconditional model)")
     p.add_argument("--cfg-ramp", action=argparse.BooleanOptionalAction, default=None,
                    help="let guidance grow from 1 at the first token to --cfg at the last, as MAR does (default: the "
                    "checkpoint's)")
+    shares = ", ".join(f"{w['cfg_level']:g} for {kind}" for kind, w in GUIDANCE.items())
+    p.add_argument("--cfg-level", type=number(float, 0, high=1), default=None, help="the share of the guidance that "
+                   "each token's level (the mean of its values: a mel frame's loudness) gets, 0 to 1; 1: as the rest "
+                   f"(default: the checkpoint's, {shares} tokens)")
     p.add_argument("--tokens-per-step", type=number(int, 1), default=1, help="tokens generated per backbone step, "
                    "asked for from the same state (needs a model trained with --order random; default: 1)")
     p.add_argument("--order", choices=["raster", "random"], default=None,
@@ -192,6 +212,9 @@ def sampling_options(args, config, defaults):
     if config.num_classes == 0 and args.cfg not in (None, 1.0):
         fail(f"--cfg {args.cfg:g}: guidance needs a class-conditional checkpoint and this one has no classes; "
              f"leave --cfg at 1")
+    if config.num_classes == 0 and args.cfg_level is not None:
+        fail(f"--cfg-level {args.cfg_level:g}: guidance needs a class-conditional checkpoint and this one has no "
+             f"classes; leave it out")
     if args.eta and args.sampler != "ddim":
         fail(f"--eta {args.eta:g}: only --sampler ddim takes it")
     if config.order == "raster" and (args.tokens_per_step > 1 or args.order == "random"):
@@ -200,8 +223,9 @@ def sampling_options(args, config, defaults):
              f"train with --order random for this")
     cfg_scale = args.cfg if args.cfg is not None else (defaults["cfg_scale"] if config.num_classes else 1.0)
     cfg_ramp = args.cfg_ramp if args.cfg_ramp is not None else defaults["cfg_ramp"]
+    cfg_level = args.cfg_level if args.cfg_level is not None else defaults.get("cfg_level", 1.0)  # older: none
     return dict(sampler=args.sampler, eta=args.eta, steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale,
-                cfg_ramp=cfg_ramp, tokens_per_step=args.tokens_per_step, order=args.order)
+                cfg_ramp=cfg_ramp, cfg_level=cfg_level, tokens_per_step=args.tokens_per_step, order=args.order)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +246,7 @@ def save_checkpoint(path, model, layout, class_names=None, ema=None, **extra):
     """Write atomically (media.atomic_output): an interrupted or failed save never leaves a broken file.
     `extra` holds plain values or tensors (optimizer state, step, ...)."""
     state = dict(format=CHECKPOINT_FORMAT, config=asdict(model.config), model=model.state_dict(), layout=layout,
-                 class_names=list(class_names or []), sampling=dict(GUIDANCE[layout["kind"]]), **extra)
+                 class_names=list(class_names or []), sampling=guidance(layout), **extra)
     if ema is not None:
         state["ema"] = ema.state_dict()
     with atomic_output(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk raises the OSError itself

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from cli import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, check_writable, check_writable_file
 from cli import compile_head, default_device, fail, format_time, held_out_bpd, load_checkpoint, log, number
-from cli import pick_device, run, sampling_options, timed_sample, vocoder_iterations, warn
+from cli import guidance_text, pick_device, run, sampling_options, timed_sample, vocoder_iterations, warn
 from data import fingerprint, load_dataset
 from media import OutputError, atomic_output, dequantise, from_tokens, quantise, save_image_grid, save_samples_npz
 from media import to_tokens
@@ -407,7 +407,7 @@ def report(r):
         f"classifier: {r['classifier']}, held-out accuracy {100 * r['classifier_accuracy']:.1f}%",
         f"samples: {r['samples']} ({per}), {r['sampler']} sampler, {r['steps']} steps, "
         f"temperature {r['temperature']:g}, "
-        f"cfg {r['cfg_scale']:g}{' ramped' if r['cfg_ramp'] else ''}, seed {r['seed']}: {r['sampling_s']:.1f} s, "
+        f"{guidance_text(r)}, seed {r['seed']}: {r['sampling_s']:.1f} s, "
         f"diffusion head {100 * r['head_share']:.0f}%",
         "",
         f"| {'metric':<{width}} | samples | real (held-out) |" + (" real through the vocoder |" if vocoded else ""),

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from cli import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail
-from cli import check_writable, compile_head, load_checkpoint, number, pick_device, run, sampling_options
+from cli import check_writable, compile_head, guidance_text, load_checkpoint, number, pick_device, run, sampling_options
 from cli import timed_sample, vocoder_iterations
 from media import from_tokens, layout_shape, load_image, prepare_clip, read_wav, save_image_grid, save_spectrograms
 from media import MASKS, region_to_generate, samples_per_token, save_samples_npz, to_tokens, write_wav
@@ -196,7 +196,7 @@ def main(argv=None):
     what = f"{count} {'image' if kind == 'image' else 'clip'}{'s' if count > 1 else ''} of {config.seq_len} tokens"
     what += f" ({kept} from the prompt)" if kept else ""
     print(f"sampled {what} in {total:.2f} s ({args.mode} mode, {options['sampler']}, {options['steps']} steps, "
-          f"cfg {options['cfg_scale']:g}{' ramped' if options['cfg_ramp'] else ''}): "
+          f"{guidance_text(options)}): "
           f"{total / count:.3f} s/sample, {count * (config.seq_len - kept) / total:.0f} tokens/s; "
           f"backbone {100 * seconds['backbone'] / total:.0f}%, diffusion head {100 * seconds['head'] / total:.0f}%")
 

@@ -209,6 +209,37 @@ def test_same_seed_same_samples_and_guidance():
         model.sample(2, None, steps=2, cfg_scale=3.0)
 
 
+class EchoDenoiser(torch.nn.Module):
+    """A stand-in for the head's denoiser that predicts eps = z, whatever x_t and t: guidance combines known rows."""
+
+    cond_embed = torch.nn.Identity()
+
+    def forward(self, x_t, t, cond):
+        return cond
+
+
+@pytest.mark.parametrize("cfg_level", [1.0, 0.5, 0.0])
+def test_guidance_of_a_tokens_level_takes_its_share(cfg_level):
+    """eps = eps_u + w d, d = eps_c - eps_u, but the mean of d over each token's values (its level) is guided by
+    1 + (w - 1) cfg_level: at 0 the level is the conditional prediction's, at 1 guidance is as it always was. One
+    deterministic step from x_T gives x_0, from which the guided eps is read back."""
+    model = tiny_model(dtype=torch.float64, clip_x0=False)
+    model.head.net = EchoDenoiser()
+    eps_c, eps_u = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    torch.manual_seed(0)
+    x_T = torch.randn(4, 6, dtype=torch.float64)
+    torch.manual_seed(0)
+    x_0 = model.head.sample(torch.cat([eps_c, eps_u]), steps=1, cfg_scale=3.0, sampler="dpm++", cfg_level=cfg_level)
+    alpha_bar = model.head.diffusion.respaced(1).alpha_bar[0].item()
+    eps = (x_T - math.sqrt(alpha_bar) * x_0) / math.sqrt(1 - alpha_bar)
+    d = eps_c - eps_u
+    level = lambda t: t.mean(-1, keepdim=True)  # noqa: E731
+    assert torch.allclose(eps - level(eps), eps_u + 3 * d - level(eps_u + 3 * d), atol=1e-6)  # the shape: w = 3
+    assert torch.allclose(level(eps), level(eps_u) + (1 + 2 * cfg_level) * level(d), atol=1e-6)
+    if cfg_level == 0:
+        assert torch.allclose(level(eps), level(eps_c), atol=1e-6) and not torch.allclose(eps, eps_c, atol=0.1)
+
+
 @pytest.mark.parametrize("sampler, eta", [(name, 0.0) for name in adr.SAMPLERS] + [("ddim", 1.0)])
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
 def test_recurrent_sampling_equals_parallel_recompute(cfg_scale, sampler, eta):

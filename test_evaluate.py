@@ -171,7 +171,7 @@ def test_a_checkpoint_is_scored_and_the_classifier_cached(mnist_run, tmp_path, c
         assert math.isfinite(numbers[key]) and numbers[key] >= 0, key
     assert numbers["splits"] == evaluate.REFERENCE_SPLITS and numbers["fd_floor_sd"] > 0
     assert 0 <= numbers["accuracy"] <= 1 and numbers["steps"] == 2
-    assert {k: numbers[k] for k in ("cfg_scale", "cfg_ramp")} == GUIDANCE["image"]  # the checkpoint's defaults
+    assert {k: numbers[k] for k in ("cfg_scale", "cfg_ramp", "cfg_level")} == GUIDANCE["image"]  # the checkpoint's
     saved = dict(np.load(tmp_path / "samples" / "samples.npz"))
     assert saved["images"].shape == (30, 28, 28, 1) and saved["images"].dtype == np.uint8
     assert saved["labels"].tolist() == [c for c in range(10) for _ in range(3)]

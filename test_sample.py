@@ -455,6 +455,16 @@ def test_the_checkpoint_says_which_guidance_to_use(ckpts, tmp_path, capsys):
     assert ", 3 steps, cfg 2)" in capsys.readouterr().out
     run_sample(str(tmp_path / "flat.pt"), tmp_path / "out", "--n", "1", "--cfg", "3", "--cfg-ramp")
     assert ", 3 steps, cfg 3 ramped)" in capsys.readouterr().out
+    run_sample(str(tmp_path / "flat.pt"), tmp_path / "out", "--n", "1", "--cfg-level", "0.5")
+    assert ", 3 steps, cfg 2, level 0.5)" in capsys.readouterr().out
+    ckpt = torch.load(ckpts["mel"], weights_only=True)
+    assert ckpt["sampling"] == GUIDANCE["mel"] and ckpt["sampling"]["cfg_level"] == 0.5  # mel tokens: half on the level
+    run_sample(ckpts["mel"], tmp_path / "mel", "--n", "1", "--class", "no", "--griffin-lim-iters", "2")
+    assert ", level 0.5)" in capsys.readouterr().out
+    del ckpt["sampling"]["cfg_level"]  # a checkpoint from before: its level guided as the rest
+    torch.save(ckpt, tmp_path / "before.pt")
+    run_sample(str(tmp_path / "before.pt"), tmp_path / "old", "--n", "1", "--class", "no", "--griffin-lim-iters", "2")
+    assert "cfg 3)" in capsys.readouterr().out
 
 
 def test_a_mask_is_what_the_model_can_use_or_one_line(ckpts, tmp_path, capsys):

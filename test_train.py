@@ -249,12 +249,14 @@ def test_training_and_sampling_name_guidance_alike():
     assert parser.parse_args(["--cfg", "2"]).cfg == 2.0 and parser.parse_args([]).cfg is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--cfg-scale", "2"])
-    for kind in ("image", "audio"):
-        options = trainer.sample_file_options(parser.parse_args([]), kind, conditional=True)
-        assert {k: options[k] for k in ("cfg_scale", "cfg_ramp")} == cli.GUIDANCE[kind]
-        options = trainer.sample_file_options(parser.parse_args(["--cfg", "2", "--no-cfg-ramp"]), kind, True)
-        assert (options["cfg_scale"], options["cfg_ramp"]) == (2.0, False)
-        assert trainer.sample_file_options(parser.parse_args([]), kind, conditional=False)["cfg_scale"] == 1.0
+    for kind, layout in (("image", media.image_layout()), ("mel", media.mel_layout()), ("wave", media.audio_layout())):
+        options = trainer.sample_file_options(parser.parse_args([]), layout, conditional=True)
+        assert {k: options[k] for k in ("cfg_scale", "cfg_ramp", "cfg_level")} == cli.GUIDANCE[kind]
+        flags = ["--cfg", "2", "--no-cfg-ramp", "--cfg-level", "0.25"]
+        options = trainer.sample_file_options(parser.parse_args(flags), layout, True)
+        assert (options["cfg_scale"], options["cfg_ramp"], options["cfg_level"]) == (2.0, False, 0.25)
+        assert trainer.sample_file_options(parser.parse_args([]), layout, conditional=False)["cfg_scale"] == 1.0
+    assert cli.GUIDANCE["mel"]["cfg_level"] < 1 and cli.GUIDANCE["wave"]["cfg_level"] == 1  # waveform tokens as before
 
 
 def test_adr_py_samples_with_the_scripts_chain_by_default():
@@ -515,7 +517,8 @@ def test_unconditional_samples_are_numbered(tmp_path):
     torch.manual_seed(0)
     model = adr.ADR(adr.ADRConfig(token_dim=160, seq_len=100, num_classes=0, **adr.SIZES["tiny"])).eval()
     real = data.Clips(torch.full((3, 16000), 1000, dtype=torch.int16), [0, 1, 1])
-    args = type("Args", (), dict(unconditional=True, sample_steps=2, cfg=3.0, sampler="ddpm", cfg_ramp=False))
+    flags = dict(unconditional=True, sample_steps=2, cfg=3.0, sampler="ddpm", cfg_ramp=False, cfg_level=None)
+    args = type("Args", (), flags)
     train_audio.sample_writer(args, media.audio_layout(), ["a", "b"], real)(model, str(tmp_path), 7)
     assert sorted(os.listdir(tmp_path / "samples" / "step_000007")) == ["sample_0.wav", "sample_1.wav"]
     assert (tmp_path / "spectrograms_000007.png").exists()

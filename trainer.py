@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from adr import ADR, SAMPLERS, SIZES, ADRConfig
-from cli import (DEVICE_HELP, GUIDANCE, SAMPLING, CheckpointError, OneLineErrors, check_writable, default_device, fail,
-                 fixed_seed, format_time, held_out_batches, held_out_bpd, load_checkpoint, log, number, pick_device,
-                 save_checkpoint, warn)
+from cli import (DEVICE_HELP, SAMPLING, CheckpointError, OneLineErrors, check_writable, default_device, fail,
+                 fixed_seed, format_time, guidance, held_out_batches, held_out_bpd, load_checkpoint, log, number,
+                 pick_device, save_checkpoint, warn)
 from media import OutputError, atomic_output, layout_shape, to_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class Parser(OneLineErrors):
         for name, value in SIZE_DEFAULTS[args.size].items():
             if getattr(args, name, None) is None:
                 setattr(args, name, None if name == "steps" and args.minutes is not None else value)
-        for name in ("cfg", "cfg_ramp"):  # not given: the modality's guidance (sample_file_options)
+        for name in ("cfg", "cfg_ramp", "cfg_level"):  # not given: the tokens' guidance (sample_file_options)
             setattr(args, name, getattr(args, name, None))
         if args.steps is not None and args.warmup >= args.steps:
             warmup = args.steps // 10
@@ -103,14 +103,16 @@ class Parser(OneLineErrors):
         return args
 
 
-def sample_file_options(args, kind, conditional):
-    """The keyword arguments of model.sample for the sample files: the chain flags, guidance from --cfg and --cfg-ramp
-    or, where they are not given, the defaults of the modality (kind: "image" or "audio"); no guidance without
-    classes."""
-    defaults = GUIDANCE[kind]
+def sample_file_options(args, layout, conditional):
+    """The keyword arguments of model.sample for the sample files: the chain flags, guidance from --cfg, --cfg-ramp
+    and --cfg-level or, where they are not given, the defaults of the layout's tokens (cli.guidance); no guidance
+    without classes."""
+    defaults = guidance(layout)
     cfg_scale = (args.cfg if args.cfg is not None else defaults["cfg_scale"]) if conditional else 1.0
     cfg_ramp = args.cfg_ramp if args.cfg_ramp is not None else defaults["cfg_ramp"]
-    return dict(steps=args.sample_steps, sampler=args.sampler, cfg_scale=cfg_scale, cfg_ramp=cfg_ramp)
+    cfg_level = args.cfg_level if args.cfg_level is not None else defaults["cfg_level"]
+    return dict(steps=args.sample_steps, sampler=args.sampler, cfg_scale=cfg_scale, cfg_ramp=cfg_ramp,
+                cfg_level=cfg_level)
 
 
 def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
@@ -157,10 +159,13 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     p.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=SAMPLING["steps"],
                    help="reverse diffusion steps per token for the sample files")
     p.add_argument("--cfg", type=number(float, 0), default=argparse.SUPPRESS, help="classifier-free guidance scale "
-                   "for the sample files, as sample.py's --cfg (1: none; default: the modality's, as sample.py draws "
+                   "for the sample files, as sample.py's --cfg (1: none; default: the tokens', as sample.py draws "
                    "the checkpoint)")
     p.add_argument("--cfg-ramp", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                   help="let the sample files' guidance grow from 1 to --cfg over the tokens (default: the modality's)")
+                   help="let the sample files' guidance grow from 1 to --cfg over the tokens (default: the tokens')")
+    p.add_argument("--cfg-level", type=number(float, 0, high=1), default=argparse.SUPPRESS, help="the share of the "
+                   "sample files' guidance that each token's level gets, as sample.py's --cfg-level (default: the "
+                   "tokens')")
     p.add_argument("--num-workers", type=number(int, 0), default=None, help="data loader processes (default: none "
                    "on a CPU, where the data in memory is read faster than extra processes cost; else up to 4)")
     return p
