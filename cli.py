@@ -141,10 +141,10 @@ def format_time(seconds):
 SAMPLING = dict(sampler="dpm++sde", steps=30, temperature=1.0)
 # Classifier-free guidance by token type, chosen with evaluate.py: images 3.5 ramped from 1 as in MAR (RESULTS.md,
 # "Guidance and temperature", on MNIST); log-mel words 3 flat, which the classifier recognises 12 points more often
-# than 3.5 ramped, with half of it on each frame's level (cfg_level, the mean over its bands), as full guidance of the
-# level makes a third of the words far louder than speech (RESULTS.md, "Speech"); waveform tokens as mel tokens were
-# before. A checkpoint keeps the guidance of its tokens (its "sampling" entry), so sample.py and evaluate.py use it
-# without flags.
+# than 3.5 ramped, each frame's level (the mean over its bands) pushed half as far (cfg_level 0.5: 1 + (3 - 1) / 2),
+# as full guidance of the level makes the frames louder than real speech and the words further from the data
+# (RESULTS.md, "Speech"); waveform tokens as mel tokens were before. A checkpoint keeps the guidance of its tokens
+# (its "sampling" entry), so sample.py and evaluate.py use it without flags.
 GUIDANCE = {"image": dict(cfg_scale=3.5, cfg_ramp=True, cfg_level=1.0),
             "mel": dict(cfg_scale=3.0, cfg_ramp=False, cfg_level=0.5),
             "wave": dict(cfg_scale=3.0, cfg_ramp=False, cfg_level=1.0)}

@@ -240,6 +240,18 @@ def test_guidance_of_a_tokens_level_takes_its_share(cfg_level):
         assert torch.allclose(level(eps), level(eps_c), atol=1e-6) and not torch.allclose(eps, eps_c, atol=0.1)
 
 
+def test_the_model_passes_the_level_share_to_its_head():
+    model, labels = randomise_head(tiny_model().eval()), torch.tensor([0, 2])
+
+    def draw(**options):
+        torch.manual_seed(3)
+        return model.sample(2, labels, steps=3, **options)
+
+    assert torch.equal(draw(cfg_scale=3.0), draw(cfg_scale=3.0, cfg_level=1.0))
+    assert not torch.allclose(draw(cfg_scale=3.0), draw(cfg_scale=3.0, cfg_level=0.0))
+    assert not torch.allclose(draw(cfg_scale=3.0, cfg_ramp=True), draw(cfg_scale=3.0, cfg_ramp=True, cfg_level=0.0))
+
+
 @pytest.mark.parametrize("sampler, eta", [(name, 0.0) for name in adr.SAMPLERS] + [("ddim", 1.0)])
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
 def test_recurrent_sampling_equals_parallel_recompute(cfg_scale, sampler, eta):

@@ -235,6 +235,8 @@ def test_bad_classes_and_guidance(ckpts, tmp_path, capsys):
     )
     fails_with(capsys, ckpts["unconditional"], tmp_path, "unconditional", "--class", "cat")
     fails_with(capsys, ckpts["unconditional"], tmp_path, "guidance needs a class-conditional checkpoint", "--cfg", "3")
+    fails_with(capsys, ckpts["unconditional"], tmp_path, "guidance needs a class-conditional", "--cfg-level", "0.5")
+    fails_with(capsys, ckpts["mel"], tmp_path, "--cfg-level", "--cfg-level", "1.5")
 
 
 def test_bad_prompts(ckpts, tmp_path, capsys):
