@@ -326,9 +326,8 @@ class DiffusionHead(nn.Module):
     def sample(self, z, steps=30, temperature=1.0, cfg_scale=1.0, sampler="dpm++sde", eta=0.0, cfg_level=1.0):
         """One token per row of z by a reverse chain of `steps` denoiser calls: "ddpm" (ancestral), "ddim" (eta: the
         share of DDPM's noise), "dpm++" (DPM-Solver++(2M)) or "dpm++sde" (its SDE form). With guidance, z holds the
-        conditional rows, then the unconditional ones; cfg_level is the share of the guidance that the token's level
-        (the mean of its values) gets, 1 as the rest. Temperature scales the noise along the chain, or x_T for a
-        deterministic one (ddim at eta = 0, dpm++)."""
+        conditional rows, then the unconditional ones (cfg_level: at the guidance). Temperature scales the noise along
+        the chain, or x_T for a deterministic one (ddim at eta = 0, dpm++)."""
         if sampler not in SAMPLERS or (eta and sampler != "ddim") or not 0 <= eta <= 1:
             raise ValueError(f"{sampler!r}, eta {eta}: use {SAMPLERS}; eta is for the ddim sampler, between 0 and 1")
         diffusion = self.respaced.get(steps) or self.respaced.setdefault(steps, self.diffusion.respaced(steps))
@@ -338,11 +337,10 @@ class DiffusionHead(nn.Module):
         for i in reversed(range(len(diffusion))):
             t = torch.tensor(int(diffusion.timesteps[i]), device=z.device)
             eps = self.net(torch.cat([x, x]) if guided else x, t, cond).to(x.dtype)
-            if guided:  # classifier-free guidance: eps_u + w d, d = eps_c - eps_u; the mean of d over the token's
-                difference = eps[: len(x)] - eps[len(x) :]  # values (its level) gets 1 + (w - 1) cfg_level instead
-                eps = eps[len(x) :] + cfg_scale * difference
-                if cfg_level != 1.0:
-                    eps = eps + (cfg_scale - 1) * (cfg_level - 1) * difference.mean(-1, keepdim=True)
+            if guided:  # classifier-free guidance: eps_u + w d, d = eps_c - eps_u, but d's mean over the token's
+                d = eps[: len(x)] - eps[len(x) :]  # values (its level) guided by 1 + (w - 1) cfg_level instead of w
+                eps = eps[len(x) :] + cfg_scale * d
+                eps = eps + (cfg_scale - 1) * (cfg_level - 1) * d.mean(-1, keepdim=True) if cfg_level != 1.0 else eps
             noise = temperature * torch.randn_like(x) if sampler != "dpm++" else None  # ddim draws it at any eta
             if sampler in ("dpm++", "dpm++sde"):
                 x, previous = diffusion.dpm_solver_step(x, i, eps, previous, clip, float(sampler == "dpm++sde"), noise)
@@ -413,9 +411,8 @@ class ADR(nn.Module):
         """Generate n sequences of seq_len tokens. Known tokens are read first, chunkwise: a prompt (n, P, D) fixes the
         first P, or known (n, L, D) with mask ((L,) or (n, L), True where known) any. The rest come in `order`
         ("raster", or "random" for a random-order model; default: the model's), tokens_per_step at a time: asked
-        for from one state, drawn by one batched head, entered into the state together. mode="parallel"
-        recomputes the whole prefix at every step. cfg_ramp: guidance grows as 1 + (w - 1) i / L (MAR). cfg_level:
-        the share of the guidance that each token's level, the mean of its values, gets (DiffusionHead.sample)."""
+        for from one state, drawn by one batched head, entered into the state together. mode="parallel" recomputes
+        the whole prefix at every step. cfg_ramp: guidance grows as 1 + (w - 1) i / L (MAR); cfg_level: the head's."""
         config, device, L, D = self.config, self.pos_emb.device, self.config.seq_len, self.config.token_dim
         order, guided = order or config.order, cfg_scale != 1.0
         if prompt is not None:

@@ -157,7 +157,7 @@ def guidance(layout):
 
 def guidance_text(options):
     """The guidance of sampling options in words: "cfg 3.5 ramped", "cfg 3, level 0.5"."""
-    level = options.get("cfg_level", 1.0) if options["cfg_scale"] != 1 else 1.0
+    level = options["cfg_level"] if options["cfg_scale"] != 1 else 1.0
     text = f"cfg {options['cfg_scale']:g}{' ramped' * options['cfg_ramp']}"
     return text + (f", level {level:g}" if level != 1 else "")
 
@@ -223,7 +223,7 @@ def sampling_options(args, config, defaults):
              f"train with --order random for this")
     cfg_scale = args.cfg if args.cfg is not None else (defaults["cfg_scale"] if config.num_classes else 1.0)
     cfg_ramp = args.cfg_ramp if args.cfg_ramp is not None else defaults["cfg_ramp"]
-    cfg_level = args.cfg_level if args.cfg_level is not None else defaults.get("cfg_level", 1.0)  # older: none
+    cfg_level = args.cfg_level if args.cfg_level is not None else defaults["cfg_level"]
     return dict(sampler=args.sampler, eta=args.eta, steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale,
                 cfg_ramp=cfg_ramp, cfg_level=cfg_level, tokens_per_step=args.tokens_per_step, order=args.order)
 
@@ -305,6 +305,7 @@ def load_checkpoint(path, device="cpu", use_ema=True):
         first_line = str(e).splitlines()[0]
         raise CheckpointError(f"{path} does not match this adr.py (config or weights differ: {first_line})") from None
     ckpt["config"] = asdict(model.config)  # fields added since it was written: their defaults, as the model has them
+    ckpt["sampling"] = dict(cfg_level=1.0) | ckpt["sampling"]  # and guidance from before cfg_level: as it was then
     return model.eval(), ckpt
 
 
