@@ -136,8 +136,10 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     p.add_argument("--weight-decay", type=number(float, 0), default=0.02, help="AdamW weight decay of the matrices")
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--ema", type=ema_decay, default=0.999, help="decay of the weights' moving average, used for "
-                   "samples and evaluation")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run")
+                   "samples and evaluation; the decay is at most (1 + t)/(10 + t) after t steps, so runs under 9,000 "
+                   "steps never reach 0.999")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run (with --minutes, "
+                   "nearly: the learning rate follows the clock)")
     p.add_argument("--device", default=default_device(), help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps; on a CPU "
                    "it needs a C++ compiler)")
