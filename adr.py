@@ -339,8 +339,7 @@ class DiffusionHead(nn.Module):
             eps = self.net(torch.cat([x, x]) if guided else x, t, cond).to(x.dtype)
             if guided:  # classifier-free guidance: eps_u + w d, d = eps_c - eps_u, but d's mean over the token's
                 d = eps[: len(x)] - eps[len(x) :]  # values (its level) guided by 1 + (w - 1) cfg_level instead of w
-                eps = eps[len(x) :] + cfg_scale * d
-                eps = eps + (cfg_scale - 1) * (cfg_level - 1) * d.mean(-1, keepdim=True) if cfg_level != 1.0 else eps
+                eps = eps[len(x) :] + cfg_scale * d + (cfg_scale - 1) * (cfg_level - 1) * d.mean(-1, keepdim=True)
             noise = temperature * torch.randn_like(x) if sampler != "dpm++" else None  # ddim draws it at any eta
             if sampler in ("dpm++", "dpm++sde"):
                 x, previous = diffusion.dpm_solver_step(x, i, eps, previous, clip, float(sampler == "dpm++sde"), noise)

@@ -221,11 +221,17 @@ def sampling_options(args, config, defaults):
         flag = f"--tokens-per-step {args.tokens_per_step}" if args.tokens_per_step > 1 else "--order random"
         fail(f"{flag}: this model was trained in raster order and generates one token at a time, in raster order; "
              f"train with --order random for this")
-    cfg_scale = args.cfg if args.cfg is not None else (defaults["cfg_scale"] if config.num_classes else 1.0)
-    cfg_ramp = args.cfg_ramp if args.cfg_ramp is not None else defaults["cfg_ramp"]
-    cfg_level = args.cfg_level if args.cfg_level is not None else defaults["cfg_level"]
-    return dict(sampler=args.sampler, eta=args.eta, steps=args.steps, temperature=args.temperature, cfg_scale=cfg_scale,
-                cfg_ramp=cfg_ramp, cfg_level=cfg_level, tokens_per_step=args.tokens_per_step, order=args.order)
+    return dict(sampler=args.sampler, eta=args.eta, steps=args.steps, temperature=args.temperature,
+                **guidance_options(args, defaults, config.num_classes > 0), tokens_per_step=args.tokens_per_step,
+                order=args.order)
+
+
+def guidance_options(args, defaults, conditional):
+    """cfg_scale, cfg_ramp and cfg_level from --cfg, --cfg-ramp and --cfg-level, those not given from `defaults`;
+    no guidance without classes."""
+    given = dict(cfg_scale=args.cfg, cfg_ramp=args.cfg_ramp, cfg_level=args.cfg_level)
+    options = {name: defaults[name] if value is None else value for name, value in given.items()}
+    return options if conditional else options | dict(cfg_scale=1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from adr import ADR, SAMPLERS, SIZES, ADRConfig
 from cli import (DEVICE_HELP, SAMPLING, CheckpointError, OneLineErrors, check_writable, default_device, fail,
-                 fixed_seed, format_time, guidance, held_out_batches, held_out_bpd, load_checkpoint, log, number,
-                 pick_device, save_checkpoint, warn)
+                 fixed_seed, format_time, guidance, guidance_options, held_out_batches, held_out_bpd, load_checkpoint,
+                 log, number, pick_device, save_checkpoint, warn)
 from media import OutputError, atomic_output, layout_shape, to_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -107,12 +107,7 @@ def sample_file_options(args, layout, conditional):
     """The keyword arguments of model.sample for the sample files: the chain flags, guidance from --cfg, --cfg-ramp
     and --cfg-level or, where they are not given, the defaults of the layout's tokens (cli.guidance); no guidance
     without classes."""
-    defaults = guidance(layout)
-    cfg_scale = (args.cfg if args.cfg is not None else defaults["cfg_scale"]) if conditional else 1.0
-    cfg_ramp = args.cfg_ramp if args.cfg_ramp is not None else defaults["cfg_ramp"]
-    cfg_level = args.cfg_level if args.cfg_level is not None else defaults["cfg_level"]
-    return dict(steps=args.sample_steps, sampler=args.sampler, cfg_scale=cfg_scale, cfg_ramp=cfg_ramp,
-                cfg_level=cfg_level)
+    return dict(steps=args.sample_steps, sampler=args.sampler, **guidance_options(args, guidance(layout), conditional))
 
 
 def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
