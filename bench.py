@@ -673,7 +673,8 @@ def whole_numbers(text, flag):
         fail(f"{flag} {text!r}: give comma-separated whole numbers, e.g. 1,16")
 
 
-def main(argv=None):
+def build_parser():
+    """bench.py's flags."""
     parser = OneLineErrors(
         description="Recurrent vs recompute vs KV-cache attention: generation, training and "
         "sampling, measured side by side."
@@ -722,7 +723,13 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--plot", help="also draw the generation table to this PNG: time per step against the prefix, "
                         "a line per way and batch size, log axes (needs matplotlib)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    """The flags, checked before any work (one line on stderr, exit code 2, for a bad one); sets --threads.
+    Returns (args, parts, lengths, batches, device)."""
+    args = build_parser().parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -756,7 +763,11 @@ def main(argv=None):
             fail("--plot needs matplotlib: pip install matplotlib, or leave out --plot")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args, parts, lengths, batches, device
 
+
+def main(argv=None):
+    args, parts, lengths, batches, device = parse_args(argv)
     torch.manual_seed(0)
     config = ADRConfig(seq_len=max(lengths) + 1, **SIZES[args.size])  # "base" is ADRConfig's defaults
     model = ADR(config).to(device)
