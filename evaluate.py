@@ -32,7 +32,7 @@ from cli import compile_head, default_device, fail, format_time, held_out_bpd, l
 from cli import guidance_text, pick_device, run, sampling_options, timed_sample, vocoder_iterations, warn
 from data import fingerprint, load_dataset
 from media import OutputError, atomic_output, dequantise, from_tokens, quantise, save_image_grid, save_samples_npz
-from media import to_tokens
+from media import mel_frames, to_tokens
 
 # ----------------------------------------------------------------------------------------------
 # The classifier: three stages of 3x3 convolutions, global average pooling, a linear layer. Its penultimate
@@ -246,6 +246,28 @@ def scores(classifier, samples, labels, real, splits, device, real_labels=None):
                 fd_floor_sd=floor.std().item() if len(splits) > 1 else 0.0)
 
 
+def where_the_sound_is(tokens, layout):
+    """When each clip of mel tokens (N, L, D) sounds: its first and last frame whose level (mean over the bands)
+    lies above halfway from the clip's quiet (its 10th-percentile frame) to its loudest frame, in seconds."""
+    level = tokens.float().reshape(len(tokens), -1, layout["bands"])[:, : mel_frames(layout)].mean(-1)
+    quiet, loudest = level.quantile(0.1, dim=1, keepdim=True), level.amax(1, keepdim=True)
+    sounding = (level > (quiet + loudest) / 2).float()
+    first, last = sounding.argmax(1), level.shape[1] - 1 - sounding.flip(1).argmax(1)
+    return first * layout["hop"] / layout["sample_rate"], last * layout["hop"] / layout["sample_rate"]
+
+
+def timing(tokens, real, layout):
+    """Where the words start and end, samples (mel tokens) against real clips (waveforms): the medians, and the
+    share of clips still sounding in the last 0.05 s (guidance starts words early and ends them late)."""
+    result = {}
+    for name, x in (("", tokens), ("real_", to_tokens(real, layout))):
+        start, end = where_the_sound_is(x, layout)
+        result.update({f"{name}start_s": start.median().item(), f"{name}end_s": end.median().item(),
+                       f"{name}sounding_at_end": (end >= layout["length"] / layout["sample_rate"] - 0.05)
+                       .double().mean().item()})
+    return result
+
+
 def through_the_vocoder(classifier, real, real_labels, split, layout, args, device):
     """The ceiling that mel tokens allow, for one split (a, b) of the held-out clips: the clips through tokens and
     the vocoder (in --batch-size batches, as the WAV files hold them), scored as samples are: the accuracy of
@@ -353,6 +375,7 @@ def main(argv=None):
     if layout.get("tokens") == "mel":  # what a perfect model of these tokens would score, heard through the vocoder
         result["griffin_lim_iters"] = args.griffin_lim_iters
         result.update(through_the_vocoder(classifier, real, real_labels, splits[0], layout, args, device))
+        result.update(timing(torch.cat(drawn), real[splits[0][0]], layout))
     if args.bpd_examples:
         bpd = lambda order: held_out_bpd(model, test_set, layout, config.num_classes,  # noqa: E731
                                          args.bpd_examples, args.batch_size, device, order)
@@ -395,11 +418,16 @@ def report(r):
         ("mean Fréchet distance / mean floor", f"{mean_ratio:.2f}x", "1x"),
         ("classifier score (IS-like, at most the classes)", f"{r['score']:.2f}", f"{r['score_real']:.2f}"),
     ]
+    if "start_s" in r:  # mel tokens: when the clips sound
+        rows += [("where the sound starts (median, seconds)", f"{r['start_s']:.2f}", f"{r['real_start_s']:.2f}"),
+                 ("where it ends (median, seconds)", f"{r['end_s']:.2f}", f"{r['real_end_s']:.2f}"),
+                 ("clips still sounding in the last 0.05 s", accuracy(r["sounding_at_end"]),
+                  accuracy(r["real_sounding_at_end"]))]
     vocoded = "vocoded_accuracy" in r  # a mel-token model: the real clips through the vocoder, a third column
     if vocoded:
         over = lambda fd, floor: f"{fd / floor:.2f}x" if floor > 0 else "inf"  # noqa: E731
         column = [accuracy(r["vocoded_accuracy"]), f"{r['vocoded_fd']:.2f}", over(r["vocoded_fd"], r["fd_floor"]),
-                  "n/a (one draw)", "n/a", "n/a"]
+                  "n/a (one draw)", "n/a", "n/a"] + ["n/a"] * (len(rows) - 6)
         rows = [row + (extra,) for row, extra in zip(rows, column)]
     width = max(len(row[0]) for row in rows)
     lines = [

@@ -13,6 +13,7 @@ import torch
 
 import data
 import evaluate
+import media
 import train_audio
 import train_image
 from conftest import write_mnist, write_pcm
@@ -77,6 +78,22 @@ def digits(tmp_path_factory):
     train_set, test_set, names = data.mnist_data(str(root), "mnist")
     classifier, accuracy = evaluate.train_classifier(train_set, test_set, MNIST, 10, 60, 0, torch.device("cpu"))
     return root, train_set, test_set, classifier, accuracy
+
+
+def test_where_the_sound_is():
+    layout = media.mel_layout()
+    tokens = torch.full((2, *media.layout_shape(layout)), -0.9)  # quiet: 63 frames of 80 bands
+    tokens[0, 20:41] = 0.3  # a word from frame 20 to 40
+    tokens[1, 50:] = 0.6  # a word that sounds to the end of the clip
+    tokens[1, 10] = -0.3  # a click below halfway to the loudest frame: not the start
+    start, end = evaluate.where_the_sound_is(tokens, layout)
+    frame = layout["hop"] / layout["sample_rate"]
+    assert torch.allclose(start, torch.tensor([20, 50]) * frame) and torch.allclose(end, torch.tensor([40, 62]) * frame)
+    waves = torch.zeros(2, 16000)
+    waves[:, 4000:8000] = 0.3 * torch.sin(torch.arange(4000) * 0.2)  # real clips: a tone from 0.25 s to 0.5 s
+    numbers = evaluate.timing(tokens, waves, layout)
+    assert numbers["sounding_at_end"] == 0.5 and numbers["real_sounding_at_end"] == 0.0
+    assert abs(numbers["real_start_s"] - 0.25) < 0.05 and abs(numbers["real_end_s"] - 0.5) < 0.05
 
 
 def test_the_yardstick_can_fail(digits):
@@ -209,6 +226,7 @@ def test_an_audio_checkpoint(tmp_path, capsys):
     assert math.isfinite(numbers["vocoded_fd"]) and numbers["vocoded_fd"] >= 0
     out = capsys.readouterr().out
     assert "real through the vocoder" in out and "bits per 8-bit mel value" in out
+    assert {"start_s", "end_s", "sounding_at_end", "real_start_s"} <= numbers.keys() and "where it ends" in out
 
 
 def fails(capsys, argv, message):
