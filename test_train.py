@@ -139,6 +139,18 @@ def test_same_seed_same_run(image_dir, tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_bf16_precision_on_the_cpu(image_dir, tmp_path, capsys):
+    weights = {}
+    for precision in ("fp32", "bf16"):
+        train_image.main(["--image-folder", str(image_dir), "--out", str(tmp_path / precision), *FAST, "--steps", "2",
+                          "--eval-bpd-every", "0", "--bpd-examples", "2", "--sample-steps", "1",
+                          "--precision", precision])
+        assert f"on cpu in {precision}" in capsys.readouterr().out
+        weights[precision] = torch.load(tmp_path / precision / "ckpt.pt", weights_only=True)["model"]
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights["bf16"].values())  # autocast only
+    assert not all(torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])  # bf16 did compute
+
+
 def test_random_order_training(image_dir, tmp_path):
     out = tmp_path / "run"
     train_image.main(["--image-folder", str(image_dir), "--out", str(out), *FAST, "--steps", "2", "--order", "random",
