@@ -140,8 +140,8 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
                    "it needs a C++ compiler)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="bf16: the forward pass in bfloat16 "
                    "autocast (weights, optimizer and EMA stay float32); fp32: all in float32. On a CPU with native "
-                   "bf16 arithmetic (AVX512-BF16 or AMX) bf16 makes about 1.5x the steps a minute, on others fewer "
-                   "(default: bf16 on CUDA, fp32 on a CPU)")
+                   "bf16 arithmetic (AVX512-BF16 or AMX) bf16 made 1.5x the steps a minute; others emulate it (not "
+                   "timed) (default: bf16 on CUDA, fp32 on a CPU)")
     p.add_argument("--out", default=default_out, help="folder for the checkpoint, samples, log.csv and loss.png")
     p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out")
     p.add_argument("--data", default="./data", help="folder the dataset is downloaded to")
