@@ -249,11 +249,14 @@ def scores(classifier, samples, labels, real, splits, device, real_labels=None):
 def where_the_sound_is(tokens, layout):
     """When each clip of mel tokens (N, L, D) sounds: its first and last frame whose level (mean over the bands)
     lies above halfway from the clip's quiet (its 10th-percentile frame) to its loudest frame, in seconds."""
-    level = tokens.float().reshape(len(tokens), -1, layout["bands"])[:, : mel_frames(layout)].mean(-1)
+    frames = tokens.float().clamp(-1, 1).reshape(len(tokens), -1, layout["bands"])[:, : mel_frames(layout)]
+    level = frames.mean(-1)
     quiet, loudest = level.quantile(0.1, dim=1, keepdim=True), level.amax(1, keepdim=True)
     sounding = (level > (quiet + loudest) / 2).float()
-    first, last = sounding.argmax(1), level.shape[1] - 1 - sounding.flip(1).argmax(1)
-    return first * layout["hop"] / layout["sample_rate"], last * layout["hop"] / layout["sample_rate"]
+    first, last = sounding.argmax(1).double(), level.shape[1] - 1 - sounding.flip(1).argmax(1).double()
+    flat = sounding.sum(1) == 0  # no frame above halfway: the clip has no sound to place (NaN)
+    seconds = layout["hop"] / layout["sample_rate"]
+    return first.masked_fill(flat, math.nan) * seconds, last.masked_fill(flat, math.nan) * seconds
 
 
 def timing(tokens, real, layout):
@@ -262,7 +265,7 @@ def timing(tokens, real, layout):
     result = {}
     for name, x in (("", tokens), ("real_", to_tokens(real, layout))):
         start, end = where_the_sound_is(x, layout)
-        result.update({f"{name}start_s": start.median().item(), f"{name}end_s": end.median().item(),
+        result.update({f"{name}start_s": start.nanmedian().item(), f"{name}end_s": end.nanmedian().item(),
                        f"{name}sounding_at_end": (end >= layout["length"] / layout["sample_rate"] - 0.05)
                        .double().mean().item()})
     return result

@@ -82,17 +82,19 @@ def digits(tmp_path_factory):
 
 def test_where_the_sound_is():
     layout = media.mel_layout()
-    tokens = torch.full((2, *media.layout_shape(layout)), -0.9)  # quiet: 63 frames of 80 bands
+    tokens = torch.full((3, *media.layout_shape(layout)), -0.9)  # quiet: 63 frames of 80 bands
     tokens[0, 20:41] = 0.3  # a word from frame 20 to 40
     tokens[1, 50:] = 0.6  # a word that sounds to the end of the clip
     tokens[1, 10] = -0.3  # a click below halfway to the loudest frame: not the start
-    start, end = evaluate.where_the_sound_is(tokens, layout)
+    start, end = evaluate.where_the_sound_is(tokens, layout)  # the third clip is silence throughout: no sound
     frame = layout["hop"] / layout["sample_rate"]
-    assert torch.allclose(start, torch.tensor([20, 50]) * frame) and torch.allclose(end, torch.tensor([40, 62]) * frame)
-    waves = torch.zeros(2, 16000)
+    assert start[:2].tolist() == [20 * frame, 50 * frame] and end[:2].tolist() == [40 * frame, 62 * frame]
+    assert start[2].isnan() and end[2].isnan()
+    waves = torch.zeros(3, 16000)
     waves[:, 4000:8000] = 0.3 * torch.sin(torch.arange(4000) * 0.2)  # real clips: a tone from 0.25 s to 0.5 s
     numbers = evaluate.timing(tokens, waves, layout)
-    assert numbers["sounding_at_end"] == 0.5 and numbers["real_sounding_at_end"] == 0.0
+    assert numbers["sounding_at_end"] == 1 / 3 and numbers["real_sounding_at_end"] == 0.0
+    assert numbers["start_s"] == 20 * frame  # the median of the clips that sound (torch: the lower middle one)
     assert abs(numbers["real_start_s"] - 0.25) < 0.05 and abs(numbers["real_end_s"] - 0.5) < 0.05
 
 

@@ -144,7 +144,7 @@ def test_bf16_precision_on_the_cpu(image_dir, tmp_path, capsys):
     for precision in ("fp32", "bf16"):
         train_image.main(["--image-folder", str(image_dir), "--out", str(tmp_path / precision), *FAST, "--steps", "2",
                           "--eval-bpd-every", "0", "--bpd-examples", "2", "--sample-steps", "1",
-                          "--precision", precision])
+                          "--precision", precision, "--device", "cpu"])
         assert f"on cpu in {precision}" in capsys.readouterr().out
         weights[precision] = torch.load(tmp_path / precision / "ckpt.pt", weights_only=True)["model"]
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights["bf16"].values())  # autocast only

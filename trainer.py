@@ -139,9 +139,9 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps; on a CPU "
                    "it needs a C++ compiler)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="bf16: the forward pass in bfloat16 "
-                   "autocast (weights, optimizer and EMA stay float32); fp32: all in float32. On a CPU with native "
-                   "bf16 arithmetic (AVX512-BF16 or AMX) bf16 made 1.5x the steps a minute; others emulate it (not "
-                   "timed) (default: bf16 on CUDA, fp32 on a CPU)")
+                   "autocast (weights, optimizer and EMA stay float32); fp32: float32 (TF32 matmuls on CUDA). A CPU "
+                   "with AVX512-BF16 made 1.5-1.6x the steps a minute in bf16; CPUs without native bf16 were not "
+                   "timed (default: bf16 on CUDA, fp32 on a CPU)")
     p.add_argument("--out", default=default_out, help="folder for the checkpoint, samples, log.csv and loss.png")
     p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out")
     p.add_argument("--data", default="./data", help="folder the dataset is downloaded to")
@@ -344,7 +344,7 @@ def hold_run_folder(folder):
 
 
 # The flags a resumed run may change (with a warning), and those that make it another run.
-HYPERPARAMETERS = ["lr", "batch_size", "warmup", "weight_decay", "grad_clip", "ema", "seed"]
+HYPERPARAMETERS = ["lr", "batch_size", "warmup", "weight_decay", "grad_clip", "ema", "seed", "precision"]
 
 
 def check_run(args, source, layout):
@@ -454,14 +454,14 @@ def data_loader(args, task, rank, world, cuda):
     return sampler, loader
 
 
-def describe_run(args, task, model, world, steps_per_epoch, device, precision):
+def describe_run(args, task, model, world, steps_per_epoch, device):
     """The lines a run opens with: the model, the batch, the run's length."""
     if task.test_set is None:
         log("note: no test split, so the held-out loss and bits/dim are not measured")
     classes = f"class-conditional ({model.config.num_classes} classes)" if model.config.num_classes else "unconditional"
     noise = f", inputs read with noise of std {model.config.input_noise:g}" if model.config.input_noise else ""
     log(f"model: {args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {classes}{noise}, "
-        f"on {device} in {precision}")
+        f"on {device} in {args.precision}")
     length = " and ".join(([f"{args.steps} steps"] if args.steps else []) +
                           ([f"{args.minutes:g} minutes"] if args.minutes else []))
     log(f"batch {args.batch_size} x {world} process{'es' if world > 1 else ''} = {args.batch_size * world} per step "
@@ -524,6 +524,7 @@ def train(args, task: Task) -> None:
     Ctrl-C or SIGTERM ends the run at the next step boundary with a checkpoint (exit code 130 or 143)."""
     rank, world, device = setup(args)
     main, cuda = rank == 0, device.type == "cuda"
+    args.precision = args.precision or ("bf16" if cuda else "fp32")  # resolved, so the checkpoint keeps what ran
     if not cuda and args.size != "tiny":
         found = "no CUDA GPU found, so " if not torch.cuda.is_available() else ""
         log(f"note: {found}the {args.size} model trains on the CPU, very slowly; --size tiny finishes in minutes")
@@ -542,11 +543,10 @@ def train(args, task: Task) -> None:
     if args.compile:
         train_model = torch.compile(train_model)
     sampler, loader = data_loader(args, task, rank, world, cuda)
-    precision = args.precision or ("bf16" if cuda else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     conditional = model.config.num_classes > 0
     unit = "img/s" if task.layout["kind"] == "image" else "clips/s"
-    describe_run(args, task, model, world, len(loader), device, precision)
+    describe_run(args, task, model, world, len(loader), device)
 
     stop = []  # a Ctrl-C or SIGTERM lands here; the loop saves a checkpoint at the next step boundary
 
