@@ -430,8 +430,8 @@ def report(r):
     if vocoded:
         over = lambda fd, floor: f"{fd / floor:.2f}x" if floor > 0 else "inf"  # noqa: E731
         column = [accuracy(r["vocoded_accuracy"]), f"{r['vocoded_fd']:.2f}", over(r["vocoded_fd"], r["fd_floor"]),
-                  "n/a (one draw)", "n/a", "n/a"] + ["n/a"] * (len(rows) - 6)
-        rows = [row + (extra,) for row, extra in zip(rows, column)]
+                  "n/a (one draw)"]
+        rows = [row + (extra,) for row, extra in zip(rows, column + ["n/a"] * (len(rows) - len(column)))]
     width = max(len(row[0]) for row in rows)
     lines = [
         f"evaluate: {r['checkpoint']} (step {r['step']}), {r['dataset']} in {r['data']}",
