@@ -525,6 +525,27 @@ def test_wave_tokens_and_the_clip_length(tmp_path, capsys):
     assert cli.load_checkpoint(str(path))[1]["step"] == 2
 
 
+def test_mel_tokens_are_computed_once_and_batched_as_the_clips_would_be():
+    """The trainer turns a mel run's clips into tokens once; its batches hold the tokens of the clips that the
+    waveform loader would have batched, in the same order. Waveform tokens stay computed step by step."""
+    gen = torch.Generator().manual_seed(0)
+    clips = data.Clips((torch.randn(11, 4000, generator=gen) * 3000).short(), [i % 3 for i in range(11)])
+    args = SimpleNamespace(seed=5, num_workers=0, batch_size=4)
+    for layout, loads_tokens in ((media.mel_layout(length=4000), True), (media.audio_layout(length=4000), False)):
+        task = trainer.Task(clips, None, layout, ["a", "b", "c"], None, {})
+        sampler, loader, as_tokens = trainer.data_loader(args, task, rank=0, world=1, cuda=False)
+        assert as_tokens == loads_tokens and len(loader) == 2  # whole batches only
+        order = list(sampler)
+        for b, (x, y) in enumerate(loader):
+            chosen = order[4 * b : 4 * b + 4]
+            waves = torch.stack([clips[i][0] for i in chosen])
+            assert torch.equal(y, clips.labels[chosen])
+            if as_tokens:
+                assert x.shape == (4, 16, 80) and torch.allclose(x, media.to_tokens(waves, layout), atol=1e-5)
+            else:
+                assert torch.equal(x, waves)
+
+
 def test_unconditional_samples_are_numbered(tmp_path):
     torch.manual_seed(0)
     model = adr.ADR(adr.ADRConfig(token_dim=160, seq_len=100, num_classes=0, **adr.SIZES["tiny"])).eval()

@@ -24,7 +24,7 @@ from typing import Callable, NoReturn
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from adr import ADR, SAMPLERS, SIZES, ADRConfig
 from cli import (DEVICE_HELP, SAMPLING, CheckpointError, OneLineErrors, check_writable, default_device, fail,
@@ -440,18 +440,31 @@ def build_run(args, task, device, ckpt_path):
     return model, ema, optimizer, step, elapsed_before, history
 
 
+def tokens_of(dataset, layout, chunk=256):
+    """The whole set as tokens (N, L, D) and its labels, computed on the CPU a chunk of examples at a time."""
+    parts, labels = [], []
+    for start in range(0, len(dataset), chunk):
+        x, y = zip(*(dataset[i] for i in range(start, min(start + chunk, len(dataset)))))
+        parts.append(to_tokens(torch.stack(x), layout)), labels.extend(y)
+    return torch.cat(parts), torch.tensor(labels, dtype=torch.long)
+
+
 def data_loader(args, task, rank, world, cuda):
-    """Set-up: this process's share of the shuffled training set, in batches; returns (sampler, loader)."""
-    sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+    """Set-up: this process's share of the shuffled training set, in batches of (x, label), x already tokens
+    when the set is turned into tokens once here; returns (sampler, loader, whether x is tokens)."""
+    train_set, as_tokens = task.train_set, task.layout.get("tokens") == "mel"
+    if as_tokens:  # a clip's mel frames never change (no random crops or flips): computed once, not every step
+        train_set = TensorDataset(*tokens_of(train_set, task.layout))
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
     workers = args.num_workers if args.num_workers is not None else (min(4, os.cpu_count() or 1) if cuda else 0)
-    loader = DataLoader(task.train_set, args.batch_size, sampler=sampler, num_workers=workers, pin_memory=cuda,
+    loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=workers, pin_memory=cuda,
                         drop_last=True, worker_init_fn=leave_stop_signals_to_the_main_process,
                         persistent_workers=workers > 0)
     if len(loader) == 0:
-        fail(f"the training set has {len(task.train_set)} examples, fewer than one batch of {args.batch_size} "
+        fail(f"the training set has {len(train_set)} examples, fewer than one batch of {args.batch_size} "
              f"per process: lower --batch-size")
-    return sampler, loader
+    return sampler, loader, as_tokens
 
 
 def describe_run(args, task, model, world, steps_per_epoch, device):
@@ -542,7 +555,7 @@ def train(args, task: Task) -> None:
     train_model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     if args.compile:
         train_model = torch.compile(train_model)
-    sampler, loader = data_loader(args, task, rank, world, cuda)
+    sampler, loader, loads_tokens = data_loader(args, task, rank, world, cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     conditional = model.config.num_classes > 0
     unit = "img/s" if task.layout["kind"] == "image" else "clips/s"
@@ -579,7 +592,8 @@ def train(args, task: Task) -> None:
                 if stopped:
                     break
                 lr = learning_rate(step, run_progress(step, elapsed(), args), args)
-                tokens = to_tokens(x.to(device, non_blocking=True), task.layout)
+                x = x.to(device, non_blocking=True)
+                tokens = x if loads_tokens else to_tokens(x, task.layout)
                 labels = y.to(device, non_blocking=True) if conditional else None
                 loss = train_step(train_model, model, ema, optimizer, tokens, labels, lr, step, args, autocast,
                                   ckpt_path)
