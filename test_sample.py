@@ -466,7 +466,7 @@ def test_the_checkpoint_says_which_guidance_to_use(ckpts, tmp_path, capsys):
     del ckpt["sampling"]["cfg_level"]  # a checkpoint from before: its level guided as the rest
     torch.save(ckpt, tmp_path / "before.pt")
     run_sample(str(tmp_path / "before.pt"), tmp_path / "old", "--n", "1", "--class", "no", "--griffin-lim-iters", "2")
-    assert "cfg 3)" in capsys.readouterr().out
+    assert f"cfg {GUIDANCE['mel']['cfg_scale']:g})" in capsys.readouterr().out
 
 
 def test_a_mask_is_what_the_model_can_use_or_one_line(ckpts, tmp_path, capsys):

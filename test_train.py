@@ -254,6 +254,17 @@ def test_a_short_run_warms_up_over_a_tenth_of_it(capsys):
     assert args.warmup == 100 and capsys.readouterr().err == ""
 
 
+def test_mel_tokens_train_the_tiny_model_at_their_own_learning_rate():
+    parser = trainer.common_parser("test", "out")
+    parser.add_argument("--tokens", choices=["mel", "wave"], default="mel")  # as train_audio.py's
+    assert parser.parse_args(["--size", "tiny"]).lr == trainer.TOKEN_DEFAULTS[("mel", "tiny")]["lr"] == 3e-3
+    assert parser.parse_args(["--size", "tiny", "--tokens", "wave"]).lr == trainer.SIZE_DEFAULTS["tiny"]["lr"]
+    assert parser.parse_args(["--size", "tiny", "--lr", "1e-3"]).lr == 1e-3  # a flag given wins
+    assert parser.parse_args(["--size", "base"]).lr == trainer.SIZE_DEFAULTS["base"]["lr"]
+    assert trainer.common_parser("test", "out").parse_args(["--size", "tiny"]).lr == 2e-3  # images: no --tokens
+    assert "0.003 for tiny with mel tokens)" in " ".join(parser.format_help().split())
+
+
 def test_training_and_sampling_name_guidance_alike():
     """--cfg is the guidance of the sample files, the same flag as sample.py's and evaluate.py's; without it the
     sample files are drawn with their modality's guidance, as sample.py draws the checkpoint."""
@@ -314,7 +325,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_dir, 
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-def test_resume_names_what_differs_and_checks_before_reading_data(image_dir, tmp_path, capsys):
+def test_resume_names_what_differs_and_checks_before_reading_data(image_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     common = ["--image-folder", str(image_dir), "--out", str(out), *FAST, "--eval-bpd-every", "0"]
     train_image.main([*common, "--steps", "2", "--sample-every", "0"])
@@ -342,13 +353,21 @@ def test_resume_names_what_differs_and_checks_before_reading_data(image_dir, tmp
     train_image.main([*common, "--steps", "3", "--resume", "--lr", "0.5", "--batch-size", "3"])
     err = capsys.readouterr().err
     assert "going on with --lr 0.5 (the run used 0.002), --batch-size 3 (the run used 4)" in err
+    # a default that changed since the run began (as mel tokens' learning rate did) goes on as the run had it
+    monkeypatch.setitem(trainer.SIZE_DEFAULTS, "tiny", {**trainer.SIZE_DEFAULTS["tiny"], "lr": 7e-3})
+    train_image.main([*common, "--steps", "4", "--resume", "--batch-size", "3"])
+    assert "going on" not in capsys.readouterr().err
+    assert cli.load_checkpoint(str(out / "ckpt.pt"))[1]["args"]["lr"] == 0.5
 
 
 def start_training(image_dir, out, *flags):
-    """train_image.py on image_dir as a child process on one thread, its output read as text."""
+    """train_image.py on image_dir as a child process on one thread, its output read as text. Ctrl-C reaches it as
+    in a terminal even when the tests run in the background (whose shell has them ignore SIGINT, and Python then
+    leaves it ignored)."""
     command = [sys.executable, "train_image.py", "--image-folder", str(image_dir), "--out", str(out), *FAST, *flags]
     return subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_while_the_data_loads_is_one_line(image_dir, tmp_path):

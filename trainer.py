@@ -81,17 +81,21 @@ SIZE_DEFAULTS = {
     "tiny": dict(steps=1000, batch_size=64, lr=2e-3, warmup=100, eval_every=100, sample_every=1000, ckpt_every=500,
                  eval_bpd_every=1000, eval_examples=256, bpd_examples=256),
 }
+# What mel tokens change in a size's defaults: the tiny model's 15 CPU minutes come closer to the data at a higher
+# learning rate, sampled with less guidance (cli.GUIDANCE; RESULTS.md, "Speech").
+TOKEN_DEFAULTS = {("mel", "tiny"): dict(lr=3e-3)}
 
 
 class Parser(OneLineErrors):
-    """The training scripts' parser: the defaults of SIZE_DEFAULTS filled in for the chosen --size (with a time
-    budget, --minutes, and no --steps, the run has no step limit)."""
+    """The training scripts' parser: the defaults of SIZE_DEFAULTS filled in for the chosen --size, with those of
+    TOKEN_DEFAULTS for its --tokens (with a time budget, --minutes, and no --steps, the run has no step limit)."""
 
     def parse_args(self, args=None, namespace=None):
         args = super().parse_args(args, namespace)
-        for name, value in SIZE_DEFAULTS[args.size].items():
-            if getattr(args, name, None) is None:
-                setattr(args, name, None if name == "steps" and args.minutes is not None else value)
+        defaults = {**SIZE_DEFAULTS[args.size], **TOKEN_DEFAULTS.get((getattr(args, "tokens", None), args.size), {})}
+        args.defaulted = [name for name in defaults if getattr(args, name, None) is None]  # not given as flags
+        for name in args.defaulted:
+            setattr(args, name, None if name == "steps" and args.minutes is not None else defaults[name])
         for name in ("cfg", "cfg_ramp", "cfg_level"):  # not given: the tokens' guidance (sample_file_options)
             setattr(args, name, getattr(args, name, None))
         if args.steps is not None and args.warmup >= args.steps:
@@ -115,8 +119,10 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
 
     def per_size(name, kind, low, help, low_ok=True):
         base, tiny = SIZE_DEFAULTS["base"][name], SIZE_DEFAULTS["tiny"][name]
+        tokens = "".join(f", {d[name]} for {size} with {t} tokens" for (t, size), d in TOKEN_DEFAULTS.items()
+                         if name in d)
         p.add_argument(f"--{name.replace('_', '-')}", type=number(kind, low, low_ok), default=argparse.SUPPRESS,
-                       help=f"{help} (default: {base} for base, {tiny} for tiny)")
+                       help=f"{help} (default: {base} for base, {tiny} for tiny{tokens})")
 
     p.add_argument("--size", choices=sorted(SIZES), default="base", help="model size: base for a GPU, tiny for a CPU")
     p.add_argument("--model", nargs="+", type=model_setting, default=[], metavar="FIELD=VALUE",
@@ -189,10 +195,11 @@ class Task:
 
 
 def setup(args):
-    """Start the process group under torchrun (NCCL on GPU, gloo on CPU) and pick this process's device.
-    Returns (rank, world_size, device); calling it again returns the same."""
+    """Start the process group under torchrun (NCCL on GPU, gloo on CPU), pick this process's device and resolve
+    --precision for it. Returns (rank, world_size, device); calling it again returns the same."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(args.device, args.compile)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")  # the checkpoint keeps what ran
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -393,6 +400,8 @@ def check_run(args, source, layout):
         why = (f"it was trained on {ckpt['source']['name']} in {ckpt['source']['root']}, and this run reads "
                f"{source['name']} in {source['root']}")
     else:
+        for k in set(HYPERPARAMETERS) & set(getattr(args, "defaulted", [])) & set(was):
+            setattr(args, k, was[k])  # a default not given as a flag goes on as the run had it, if defaults changed
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {was[k]})" for k in HYPERPARAMETERS
                    if k in was and getattr(args, k) != was[k]]
         if changed:
@@ -445,7 +454,8 @@ def tokens_of(dataset, layout, chunk=256):
     parts, labels = [], []
     for start in range(0, len(dataset), chunk):
         x, y = zip(*(dataset[i] for i in range(start, min(start + chunk, len(dataset)))))
-        parts.append(to_tokens(torch.stack(x), layout)), labels.extend(y)
+        parts.append(to_tokens(torch.stack(x), layout))
+        labels.extend(y)
     return torch.cat(parts), torch.tensor(labels, dtype=torch.long)
 
 
@@ -537,7 +547,6 @@ def train(args, task: Task) -> None:
     Ctrl-C or SIGTERM ends the run at the next step boundary with a checkpoint (exit code 130 or 143)."""
     rank, world, device = setup(args)
     main, cuda = rank == 0, device.type == "cuda"
-    args.precision = args.precision or ("bf16" if cuda else "fp32")  # resolved, so the checkpoint keeps what ran
     if not cuda and args.size != "tiny":
         found = "no CUDA GPU found, so " if not torch.cuda.is_available() else ""
         log(f"note: {found}the {args.size} model trains on the CPU, very slowly; --size tiny finishes in minutes")
