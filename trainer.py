@@ -357,7 +357,8 @@ HYPERPARAMETERS = ["lr", "batch_size", "warmup", "weight_decay", "grad_clip", "e
 def check_run(args, source, layout):
     """Before any expensive work: the output folder is writable, a run's checkpoint is not overwritten, and
     a checkpoint to resume is there and belongs to this run (same model size, modality, token layout, conditioning
-    and data); hyper-parameters that differ from the run's are named in a warning."""
+    and data). On a resume, hyper-parameters not given as flags take the run's values (args changes); those given
+    that differ from the run's are named in a warning."""
     kind = layout["kind"]
     path = os.path.join(args.out, "ckpt.pt")
     fields = ADRConfig(**model_fields(args, layout))
@@ -401,7 +402,7 @@ def check_run(args, source, layout):
                f"{source['name']} in {source['root']}")
     else:
         for k in set(HYPERPARAMETERS) & set(getattr(args, "defaulted", [])) & set(was):
-            setattr(args, k, was[k])  # a default not given as a flag goes on as the run had it, if defaults changed
+            setattr(args, k, was[k])  # defaults may have changed since the run began
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {was[k]})" for k in HYPERPARAMETERS
                    if k in was and getattr(args, k) != was[k]]
         if changed:
