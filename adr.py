@@ -32,6 +32,7 @@ class ADRConfig:
     clip_x0: bool = True  # tokens lie in [-1, 1]: clamp the predicted x_0 in each sampling step
     order: str = "raster"  # the order tokens are read in training: "raster", or "random" per sequence (any-order)
     input_noise: float = 0.0  # std of Gaussian noise on the tokens the backbone reads in training (exposure bias)
+    head_reads_last: bool = False  # the head's condition is z_i and the token read last, in full (not z_i alone)
 
 
 SIZES = {
@@ -310,7 +311,8 @@ class DiffusionHead(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.net = Denoiser(config.token_dim, config.d_model, config.head_width, config.head_depth)
+        cond_dim = config.d_model + config.token_dim * config.head_reads_last
+        self.net = Denoiser(config.token_dim, cond_dim, config.head_width, config.head_depth)
         self.diffusion = Diffusion.make(config.diffusion_steps)
         self.respaced = {}  # steps -> respaced schedule
 
@@ -385,11 +387,18 @@ class ADR(nn.Module):
 
     def condition(self, tokens, labels=None, order=None, form="parallel", chunk_size=64):
         """z_i for the i-th token of the order (B, L) of positions (None: raster order), from the start token and
-        the tokens before it in that order (the causal shift)."""
+        the tokens before it in that order (the causal shift), as the head reads it (see head_condition)."""
         order = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2]) if order is None else order
         ordered = tokens.gather(1, order[..., None].expand_as(tokens))
         sources = order[:, :-1] if self.config.order == "random" else None
-        return self.backbone(self.embed(ordered[:, :-1], labels, order, sources), form, chunk_size=chunk_size)[0]
+        z = self.backbone(self.embed(ordered[:, :-1], labels, order, sources), form, chunk_size=chunk_size)[0]
+        return self.head_condition(z, F.pad(ordered[:, :-1], (0, 0, 1, 0)))
+
+    def head_condition(self, z, last):
+        """What the head is conditioned on: z_i, and beside it the token the backbone read last (`last`, zeros for the
+        start; noisy where the backbone's inputs are) where config.head_reads_last: the token before, in full, where
+        z_i (d_model wide) holds a summary of all of them."""
+        return torch.cat([z, last.to(z.dtype)], dim=-1) if self.config.head_reads_last else z
 
     def forward(self, tokens, labels=None):
         """Training loss: the head's diffusion loss on each token given its z (random order: one order a sequence)."""
@@ -460,7 +469,9 @@ class ADR(nn.Module):
                 z, states = self.backbone(inputs(i, i + 1, queries), "recurrent", repeated, pos=i)
                 states = [s[::k] for s in states]
             scale = 1 + (cfg_scale - 1) * (i + k) / L if cfg_ramp else cfg_scale  # the i + k tokens there will be
-            new = self.head.sample(z[:, -1], steps, temperature, scale, sampler, eta, cfg_level)
+            last = ordered[:, i - 1] if i else torch.zeros_like(ordered[:, 0])  # the token read last, rows as z's
+            z = self.head_condition(z[:, -1], both(last.repeat_interleave(k, 0)))
+            new = self.head.sample(z, steps, temperature, scale, sampler, eta, cfg_level)
             ordered[:, i : i + k] = new.view(n, k, -1)
             if mode == "recurrent" and 1 < k and i + k < L:  # the other new tokens enter the state
                 states = self.backbone(inputs(i + 1, i + k), "chunkwise", states, pos=i + 1, chunk_size=chunk_size)[1]

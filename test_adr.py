@@ -529,6 +529,32 @@ def test_input_noise_reaches_the_backbone_in_training_only(monkeypatch):
 # Any order: random-order training, infilling, several tokens per backbone step
 
 
+@pytest.mark.parametrize("order", ["raster", "random"])
+@pytest.mark.parametrize("head_reads_last", [False, True])
+def test_sampling_asks_the_head_with_what_training_gives_it(order, head_reads_last, monkeypatch):
+    """The condition the sampler hands the head for each token is the one training computes for that token from the
+    tokens drawn before it (z_i; with head_reads_last the token read last beside it), in the order they were drawn."""
+    model = randomise_head(tiny_model(order=order, head_reads_last=head_reads_last, dtype=torch.float64).eval())
+    asked, drawn, draw = [], [], model.head.sample
+
+    def spy(z, *args):
+        drawn.append(draw(z, *args))
+        asked.append(z[: len(drawn[-1])])  # the conditional rows (the unconditional ones follow)
+        return drawn[-1]
+
+    monkeypatch.setattr(model.head, "sample", spy)
+    labels = torch.tensor([1, 2])
+    torch.manual_seed(0)
+    tokens = model.sample(2, labels, steps=2, cfg_scale=2.0)
+    # where each drawn token landed: the generation order, as positions (2, 10)
+    drawn_order = torch.stack([(tokens - new[:, None]).abs().sum(-1).argmin(1) for new in drawn], dim=1)
+    assert sorted(drawn_order[0].tolist()) == list(range(10))
+    assert (drawn_order != torch.arange(10)).any() == (order == "random")
+    expected = model.condition(tokens, labels, drawn_order if order == "random" else None)
+    assert expected.shape[-1] == 64 + 6 * head_reads_last
+    assert torch.allclose(torch.stack(asked, dim=1), expected, rtol=0, atol=1e-10)
+
+
 def test_a_raster_model_reads_raster_order_as_before():
     """The raster model has no second position table, and an explicit raster order gives the same numbers."""
     model = tiny_model().eval()

@@ -520,6 +520,7 @@ def test_wave_tokens_and_the_clip_length(tmp_path, capsys):
     model, ckpt = cli.load_checkpoint(str(tmp_path / "half" / "ckpt.pt"))
     assert ckpt["layout"]["length"] == 8000 and (model.config.seq_len, model.config.token_dim) == (32, 80)
     assert (model.config.input_noise, wave_model.config.input_noise) == (trainer.LAYOUT_FIELDS["mel"]["input_noise"], 0)
+    assert (model.config.head_reads_last, wave_model.config.head_reads_last) == (True, False)
     with wave.open(str(tmp_path / "half" / "samples" / "step_000001" / "go.wav")) as f:
         assert f.getnframes() == 8000
     capsys.readouterr()
