@@ -338,6 +338,42 @@ def audio_folder(folder, requested_words=None, length=CLIP_LENGTH):
     return train_set, test_set if len(test_set) else None, words, len(skipped)
 
 
+def held_out_clip_per_word(source, words, rate=SAMPLE_RATE, length=CLIP_LENGTH):
+    """The first readable held-out clip of each word (the one the training scripts' sample files show), None for a
+    word without one; [] where the source's folder is not on this machine. Reads a file a word: never downloads,
+    never fails (sample.py shows real clips beside its samples where it can)."""
+    root = source.get("root") or ""
+    if source.get("name") == "audio-folder" and os.path.isdir(root):
+        def held_out(word):  # every 10th WAV of a word, in name order, as audio_folder holds out
+            folder = os.path.join(root, word)
+            names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".wav")) if os.path.isdir(folder) else []
+            return [os.path.join(folder, n) for n in names[9::10]]
+    elif source.get("name") == "speech-commands":
+        base = os.path.join(root, "SpeechCommands")
+        found = [os.path.join(base, v) for v in ("speech_commands_v0.02", "speech_commands_v0.01")
+                 if os.path.isfile(os.path.join(base, v, "testing_list.txt"))]
+        if not found:
+            return []
+        with open(os.path.join(found[0], "testing_list.txt")) as f:
+            listed = [line.strip() for line in f if line.strip()]
+
+        def held_out(word):  # the official testing list, in its order
+            return [os.path.join(found[0], p) for p in listed if p.split("/")[0] == word]
+    else:
+        return []
+    clips = []
+    for word in words:
+        clip = None
+        for path in held_out(word):
+            try:
+                clip = read_clip(path, rate, length)
+                break
+            except (ValueError, OSError):
+                continue
+        clips.append(clip)
+    return clips
+
+
 # ----------------------------------------------------------------------------------------------
 # Sources: what the checkpoint records of its data
 

@@ -1,7 +1,8 @@
 """
 Sample from a trained ADR checkpoint. The checkpoint says whether it holds an image or an audio model:
 images come out as one PNG grid (a row per class), audio as one 16-bit WAV per sample plus a PNG of
-their spectrograms. Written to --out (default: samples/ next to the checkpoint).
+their spectrograms (each word's followed by a real held-out clip of it, where the checkpoint's data is on
+disk). Written to --out (default: samples/ next to the checkpoint).
 
     python sample.py --ckpt out/image/ckpt.pt                              # 10 images of every class
     python sample.py --ckpt out/image/ckpt.pt --class cat --n 16 --cfg 1   # 16 cats, no guidance
@@ -28,6 +29,7 @@ from PIL import Image
 from cli import DEVICE_HELP, CheckpointError, OneLineErrors, add_sampling_flags, default_device, fail
 from cli import check_writable, compile_head, guidance_text, load_checkpoint, number, pick_device, run, sampling_options
 from cli import timed_sample, vocoder_iterations
+from data import held_out_clip_per_word
 from media import from_tokens, layout_shape, load_image, prepare_clip, read_wav, save_image_grid, save_spectrograms
 from media import MASKS, region_to_generate, samples_per_token, save_samples_npz, to_tokens, write_wav
 
@@ -208,7 +210,11 @@ def main(argv=None):
     if kind == "image":
         save_images(samples, masked, layout, n, len(classes), out)
     else:
-        save_audio(samples, masked, prefix, layout, n, row_names, out, args.griffin_lim_iters)
+        source, conditional = ckpt.get("source") or {}, classes[0] is not None
+        real = held_out_clip_per_word(source, row_names, layout["sample_rate"], layout["length"]) if conditional else []
+        if conditional and not real:
+            print(f"no real clips beside the samples: the data ({source.get('root', 'not recorded')}) is not here")
+        save_audio(samples, masked, prefix, layout, n, row_names, out, args.griffin_lim_iters, real)
 
 
 def save_images(images, masked, layout, n, rows, out):
@@ -224,9 +230,10 @@ def save_images(images, masked, layout, n, rows, out):
     print(f"wrote {path}")
 
 
-def save_audio(waves, masked, prefix, layout, n, row_names, out, griffin_lim_iters):
-    """One WAV per sample, named after its class, and their spectrograms, after the prompt's: prompt.wav holds
-    what is kept of it (its first --keep seconds, or the whole clip with the --mask region silent)."""
+def save_audio(waves, masked, prefix, layout, n, row_names, out, griffin_lim_iters, real=()):
+    """One WAV per sample, named after its class, and their spectrograms, after the prompt's (prompt.wav holds
+    what is kept of it: its first --keep seconds, or the whole clip with the --mask region silent), each class's
+    followed by a real held-out clip of it where `real` has one (a waveform or None per row name)."""
     rate = layout["sample_rate"]
     names = [f"{name}_{k}" for name in row_names for k in range(n)]
     panels, titles = [], []
@@ -238,8 +245,11 @@ def save_audio(waves, masked, prefix, layout, n, row_names, out, griffin_lim_ite
         panels.append(kept), titles.append("prompt (what is kept)")
     for name, waveform in zip(names, waves):
         write_wav(os.path.join(out, f"{name}.wav"), waveform, rate)
-    panels += list(waves)
-    titles += names
+    for row, (row_name, clip) in enumerate(zip(row_names, list(real) + [None] * len(row_names))):
+        panels += list(waves[row * n : (row + 1) * n])
+        titles += names[row * n : (row + 1) * n]
+        if clip is not None:
+            panels.append(clip), titles.append(f"{row_name}: real")
     save_spectrograms(panels, rate, os.path.join(out, "spectrograms.png"), titles)
     prompt_note = " and prompt.wav" if masked is not None else ""
     print(f"wrote {len(names)} WAV files{prompt_note} and spectrograms.png to {out}")

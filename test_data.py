@@ -186,6 +186,20 @@ def test_speech_commands_split(tmp_path):
     assert members(test_set, words) == {1102: "yes", 302: "two"}
 
 
+def test_one_held_out_clip_per_word_is_the_first_of_the_test_split(tmp_path):
+    """sample.py's real clips: the same clip the test split starts each word with, None for a word it lacks, and
+    nothing (no download, no error) where the data is not on disk."""
+    make_speech_commands(tmp_path)
+    source = dict(name="speech-commands", root=str(tmp_path))
+    _, test_set, _ = data.speech_commands(str(tmp_path), ["yes", "two"])
+    clips = data.held_out_clip_per_word(source, ["yes", "two", "cat"])
+    first = [test_set[int((test_set.labels == c).nonzero()[0])][0] for c in (0, 1)]  # as the training scripts pick
+    assert all((clip - x).abs().max() <= 1 / 32768 for clip, x in zip(clips, first)) and clips[2] is None
+    assert round(clips[0][0].item() * 32768) == 1102  # speaker c, the testing list's
+    assert data.held_out_clip_per_word(dict(name="speech-commands", root=str(tmp_path / "gone")), ["yes"]) == []
+    assert data.held_out_clip_per_word(dict(name="mnist", root=str(tmp_path)), ["yes"]) == []
+
+
 def test_speech_commands_v0_01_and_missing_files(tmp_path, capsys):
     """v0.01 has the same layout and list files: it is used where v0.02 is not there. A file named in a list
     but not on disk is reported as missing, not as unreadable."""

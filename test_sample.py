@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import wave
@@ -15,7 +16,7 @@ import adr
 import cli
 import sample
 from adr import ADR, SIZES, ADRConfig
-from media import audio_layout, image_layout, layout_shape, mel_layout, to_tokens
+from media import audio_layout, image_layout, layout_shape, mel_layout, read_clip, to_tokens
 from cli import GUIDANCE, SAMPLING, load_checkpoint, save_checkpoint
 
 IMAGE = image_layout(channels=3, height=8, width=8, patch=2)  # 16 tokens of 12 values
@@ -467,6 +468,32 @@ def test_the_checkpoint_says_which_guidance_to_use(ckpts, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "before.pt")
     run_sample(str(tmp_path / "before.pt"), tmp_path / "old", "--n", "1", "--class", "no", "--griffin-lim-iters", "2")
     assert f"cfg {GUIDANCE['mel']['cfg_scale']:g})" in capsys.readouterr().out
+
+
+def test_audio_samples_sit_beside_a_real_held_out_clip_of_their_word(ckpts, tmp_path, monkeypatch, capsys):
+    """Where the checkpoint's data is on disk, each word's spectrograms are followed by a real held-out clip of it
+    (the first of its held-out files: a folder's 10th, as training holds out); where it is not, one line says so."""
+    t = np.arange(4000) / 4000
+    for word, pitch in (("yes", 300), ("no", 600)):
+        (tmp_path / "words" / word).mkdir(parents=True)
+        for i in range(12):
+            clip = (0.3 * np.sin(2 * np.pi * (pitch + 10 * i) * t) * 32768).astype(int)
+            write_mono_pcm(tmp_path / "words" / word / f"{i:02d}.wav", clip, 4000)
+    ckpt = torch.load(ckpts["mel"], weights_only=True)
+    ckpt["source"] = dict(name="audio-folder", root=str(tmp_path / "words"))
+    torch.save(ckpt, tmp_path / "mel.pt")
+    shown = []
+    monkeypatch.setattr(sample, "save_spectrograms", lambda panels, rate, path, titles: shown.append((panels, titles)))
+    run_sample(str(tmp_path / "mel.pt"), tmp_path / "out", "--n", "2", "--griffin-lim-iters", "2")
+    panels, titles = shown[-1]
+    assert titles == ["yes_0", "yes_1", "yes: real", "no_0", "no_1", "no: real"]
+    for index, word in ((2, "yes"), (5, "no")):
+        assert torch.equal(panels[index], read_clip(str(tmp_path / "words" / word / "09.wav"), 4000, 4000))
+    shutil.rmtree(tmp_path / "words")  # the data gone: the samples alone, and why
+    capsys.readouterr()
+    run_sample(str(tmp_path / "mel.pt"), tmp_path / "out", "--n", "2", "--griffin-lim-iters", "2")
+    assert shown[-1][1] == ["yes_0", "yes_1", "no_0", "no_1"]
+    assert "no real clips beside the samples" in capsys.readouterr().out
 
 
 def test_a_mask_is_what_the_model_can_use_or_one_line(ckpts, tmp_path, capsys):
