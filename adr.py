@@ -32,7 +32,7 @@ class ADRConfig:
     clip_x0: bool = True  # tokens lie in [-1, 1]: clamp the predicted x_0 in each sampling step
     order: str = "raster"  # the order tokens are read in training: "raster", or "random" per sequence (any-order)
     input_noise: float = 0.0  # std of Gaussian noise on the tokens the backbone reads in training (exposure bias)
-    head_reads_last: bool = False  # the head's condition is z_i and the token read last, in full (not z_i alone)
+    head_reads_last: bool = False  # the head's condition is [z_i, the token read before i] (zeros first), not z_i
 
 
 SIZES = {
@@ -286,7 +286,8 @@ class FinalLayer(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_t, t, z): the noise in a noisy token, from the token, its time step and the backbone's z."""
+    """eps_theta(x_t, t, z): the noise in a noisy token, from the token, its time step and its condition z (the
+    backbone's z_i, or with head_reads_last [z_i, the token before]: see ADR.head_condition)."""
 
     def __init__(self, token_dim, cond_dim, width, depth):
         super().__init__()
@@ -311,13 +312,13 @@ class DiffusionHead(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        cond_dim = config.d_model + config.token_dim * config.head_reads_last
+        cond_dim = config.d_model + (config.token_dim if config.head_reads_last else 0)
         self.net = Denoiser(config.token_dim, cond_dim, config.head_width, config.head_depth)
         self.diffusion = Diffusion.make(config.diffusion_steps)
         self.respaced = {}  # steps -> respaced schedule
 
     def loss(self, x0, z):
-        """E ||eps - eps_theta(x_t, t, z)||^2 (DDPM eq. 14) for tokens x0 (N, D) with conditions z (N, d),
+        """E ||eps - eps_theta(x_t, t, z)||^2 (DDPM eq. 14) for tokens x0 (N, D) with conditions z (N, cond_dim),
         one t per token, diffusion_batch_mul draws of (t, eps) per token to amortise the backbone."""
         x0, cond = (x.repeat(self.config.diffusion_batch_mul, 1) for x in (x0, self.net.cond_embed(z)))
         t = torch.randint(0, len(self.diffusion), x0.shape[:1], device=x0.device)
@@ -395,9 +396,9 @@ class ADR(nn.Module):
         return self.head_condition(z, F.pad(ordered[:, :-1], (0, 0, 1, 0)))
 
     def head_condition(self, z, last):
-        """What the head is conditioned on: z_i, and beside it the token the backbone read last (`last`, zeros for the
-        start; noisy where the backbone's inputs are) where config.head_reads_last: the token before, in full, where
-        z_i (d_model wide) holds a summary of all of them."""
+        """The head's condition: z_i, or with config.head_reads_last [z_i, the token the backbone read last] (`last`:
+        zeros for the first token; read with input noise in training, as the backbone reads it). z_i, d_model wide,
+        summarises every earlier token; this gives the head the one before in full."""
         return torch.cat([z, last.to(z.dtype)], dim=-1) if self.config.head_reads_last else z
 
     def forward(self, tokens, labels=None):
@@ -469,9 +470,9 @@ class ADR(nn.Module):
                 z, states = self.backbone(inputs(i, i + 1, queries), "recurrent", repeated, pos=i)
                 states = [s[::k] for s in states]
             scale = 1 + (cfg_scale - 1) * (i + k) / L if cfg_ramp else cfg_scale  # the i + k tokens there will be
-            last = ordered[:, i - 1] if i else torch.zeros_like(ordered[:, 0])  # the token read last, rows as z's
-            z = self.head_condition(z[:, -1], both(last.repeat_interleave(k, 0)))
-            new = self.head.sample(z, steps, temperature, scale, sampler, eta, cfg_level)
+            last = ordered[:, i - 1] if i else torch.zeros_like(ordered[:, 0])  # the token read last, for all k
+            cond = self.head_condition(z[:, -1], both(last.repeat_interleave(k, 0)))  # rows laid out as z's
+            new = self.head.sample(cond, steps, temperature, scale, sampler, eta, cfg_level)
             ordered[:, i : i + k] = new.view(n, k, -1)
             if mode == "recurrent" and 1 < k and i + k < L:  # the other new tokens enter the state
                 states = self.backbone(inputs(i + 1, i + k), "chunkwise", states, pos=i + 1, chunk_size=chunk_size)[1]

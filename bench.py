@@ -339,7 +339,8 @@ def sample_with_kv_cache(model, attention, n, labels=None, steps=30, temperature
         targets = torch.full((batch, 1), i, device=device)
         z = attention(model.embed(previous, labels, targets, with_start=i == 0), caches, pos=i)
         scale = 1 + (cfg_scale - 1) * (i + 1) / L if cfg_ramp else cfg_scale  # as ADR.sample ramps it
-        tokens[:, i] = model.head.sample(z[:, -1], steps, temperature, scale, sampler)
+        last = previous[:, -1] if i else previous.new_zeros(batch, config.token_dim)  # as ADR.head_condition reads it
+        tokens[:, i] = model.head.sample(model.head_condition(z[:, -1], last), steps, temperature, scale, sampler)
     return tokens
 
 

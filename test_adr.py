@@ -531,10 +531,14 @@ def test_input_noise_reaches_the_backbone_in_training_only(monkeypatch):
 
 @pytest.mark.parametrize("order", ["raster", "random"])
 @pytest.mark.parametrize("head_reads_last", [False, True])
-def test_sampling_asks_the_head_with_what_training_gives_it(order, head_reads_last, monkeypatch):
+@pytest.mark.parametrize("mode, prompted", [("recurrent", 0), ("parallel", 0), ("recurrent", 3)])
+def test_sampling_asks_the_head_with_what_training_gives_it(order, head_reads_last, mode, prompted, monkeypatch):
     """The condition the sampler hands the head for each token is the one training computes for that token from the
-    tokens drawn before it (z_i; with head_reads_last the token read last beside it), in the order they were drawn."""
-    model = randomise_head(tiny_model(order=order, head_reads_last=head_reads_last, dtype=torch.float64).eval())
+    tokens before it (z_i; with head_reads_last the token read last beside it), in the order they were drawn, after
+    a prompt's tokens."""
+    # unclamped, so that no two drawn tokens are alike (their positions are found by matching them)
+    model = tiny_model(order=order, head_reads_last=head_reads_last, clip_x0=False, dtype=torch.float64)
+    model = randomise_head(model.eval())
     asked, drawn, draw = [], [], model.head.sample
 
     def spy(z, *args):
@@ -545,12 +549,14 @@ def test_sampling_asks_the_head_with_what_training_gives_it(order, head_reads_la
     monkeypatch.setattr(model.head, "sample", spy)
     labels = torch.tensor([1, 2])
     torch.manual_seed(0)
-    tokens = model.sample(2, labels, steps=2, cfg_scale=2.0)
-    # where each drawn token landed: the generation order, as positions (2, 10)
+    prompt = torch.rand(2, prompted, 6, dtype=torch.float64) * 2 - 1 if prompted else None
+    tokens = model.sample(2, labels, steps=2, cfg_scale=2.0, mode=mode, prompt=prompt)
+    # the generation order, as positions (2, 10): the prompt's, then where each drawn token landed
     drawn_order = torch.stack([(tokens - new[:, None]).abs().sum(-1).argmin(1) for new in drawn], dim=1)
+    drawn_order = torch.cat([torch.arange(prompted).expand(2, prompted), drawn_order], dim=1)
     assert sorted(drawn_order[0].tolist()) == list(range(10))
     assert (drawn_order != torch.arange(10)).any() == (order == "random")
-    expected = model.condition(tokens, labels, drawn_order if order == "random" else None)
+    expected = model.condition(tokens, labels, drawn_order if order == "random" else None)[:, prompted:]
     assert expected.shape[-1] == 64 + 6 * head_reads_last
     assert torch.allclose(torch.stack(asked, dim=1), expected, rtol=0, atol=1e-10)
 

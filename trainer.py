@@ -484,9 +484,9 @@ def describe_run(args, task, model, world, steps_per_epoch, device):
     if task.test_set is None:
         log("note: no test split, so the held-out loss and bits/dim are not measured")
     classes = f"class-conditional ({model.config.num_classes} classes)" if model.config.num_classes else "unconditional"
-    noise = f", inputs read with noise of std {model.config.input_noise:g}" if model.config.input_noise else ""
-    noise += ", the head reads the token before" if model.config.head_reads_last else ""
-    log(f"model: {args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {classes}{noise}, "
+    extras = f", inputs read with noise of std {model.config.input_noise:g}" if model.config.input_noise else ""
+    extras += ", the head reads the token before" if model.config.head_reads_last else ""
+    log(f"model: {args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {classes}{extras}, "
         f"on {device} in {args.precision}")
     length = " and ".join(([f"{args.steps} steps"] if args.steps else []) +
                           ([f"{args.minutes:g} minutes"] if args.minutes else []))
