@@ -617,7 +617,7 @@ def test_model_fields_can_be_changed_from_the_command_line(image_dir, tmp_path, 
         train_image.main,
         [*common, "--out", str(out), "--resume", "--steps", "2"],
         "its model is --size tiny d_model=32 diffusion_batch_mul=1 clip_x0=False (d_model=32, clip_x0=False), "
-        "and this run asks for",
+        "and this run asks for --size tiny (d_model=64, clip_x0=True: --model d_model=32 clip_x0=False goes on with",
     )
 
 
