@@ -129,14 +129,12 @@ class MultiScaleRetention(nn.Module):
             o = retention_parallel(q, k, v, log_gamma)
         elif form == "chunkwise":
             o, state = retention_chunkwise(q, k, v, log_gamma, state, chunk_size)
-        elif form == "recurrent" and L == 1:
-            o, state = retention_recurrent(q, k, v, log_gamma, state)
-        elif form == "recurrent":
+        elif form == "recurrent":  # a token at a time
             steps = []
             for n in range(L):
                 o_n, state = retention_recurrent(*(t[:, :, n : n + 1] for t in (q, k, v)), log_gamma, state)
                 steps.append(o_n)
-            o = torch.cat(steps, dim=2)
+            o = torch.cat(steps, dim=2) if L > 1 else steps[0]
         else:
             raise ValueError(f"unknown retention form {form!r}: use parallel, recurrent or chunkwise")
         o = self.group_norm(o.transpose(1, 2).reshape(B * L, -1)).view(B, L, -1)
@@ -286,8 +284,7 @@ class FinalLayer(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_t, t, z): the noise in a noisy token, from the token, its time step and its condition z (the
-    backbone's z_i, or with head_reads_last [z_i, the token before]: see ADR.head_condition)."""
+    """eps_theta(x_t, t, z): the noise in a noisy token, from the token, its time step and z (ADR.head_condition)."""
 
     def __init__(self, token_dim, cond_dim, width, depth):
         super().__init__()
@@ -396,9 +393,7 @@ class ADR(nn.Module):
         return self.head_condition(z, F.pad(ordered[:, :-1], (0, 0, 1, 0)))
 
     def head_condition(self, z, last):
-        """The head's condition: z_i, or with config.head_reads_last [z_i, the token the backbone read last] (`last`:
-        zeros for the first token; read with input noise in training, as the backbone reads it). z_i, d_model wide,
-        summarises every earlier token; this gives the head the one before in full."""
+        """The head's z_i, or [z_i, the token the backbone read last (zeros first)] where config.head_reads_last."""
         return torch.cat([z, last.to(z.dtype)], dim=-1) if self.config.head_reads_last else z
 
     def forward(self, tokens, labels=None):
@@ -470,8 +465,8 @@ class ADR(nn.Module):
                 z, states = self.backbone(inputs(i, i + 1, queries), "recurrent", repeated, pos=i)
                 states = [s[::k] for s in states]
             scale = 1 + (cfg_scale - 1) * (i + k) / L if cfg_ramp else cfg_scale  # the i + k tokens there will be
-            last = ordered[:, i - 1] if i else torch.zeros_like(ordered[:, 0])  # the token read last, for all k
-            cond = self.head_condition(z[:, -1], both(last.repeat_interleave(k, 0)))  # rows laid out as z's
+            last = F.pad(ordered, (0, 0, 1, 0))[:, i].repeat_interleave(k, 0)  # the token read last, rows as z's
+            cond = self.head_condition(z[:, -1], both(last))
             new = self.head.sample(cond, steps, temperature, scale, sampler, eta, cfg_level)
             ordered[:, i : i + k] = new.view(n, k, -1)
             if mode == "recurrent" and 1 < k and i + k < L:  # the other new tokens enter the state

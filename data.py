@@ -257,16 +257,27 @@ def pick_words(requested, available, default, where):
     return words
 
 
+def speech_commands_folder(root):
+    """Where Speech Commands is under root: v0.02, or v0.01 where only that is there (v0.02's place if neither is)."""
+    base = os.path.join(root, "SpeechCommands")
+    found = [v for v in ("speech_commands_v0.02", "speech_commands_v0.01") if os.path.isdir(os.path.join(base, v))]
+    return os.path.join(base, found[0] if found else "speech_commands_v0.02")
+
+
+def word_files(folder):
+    """A word folder's WAV files in name order, and whether each is held out for testing (every 10th)."""
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".wav")) if os.path.isdir(folder) else []
+    return [(os.path.join(folder, name), i % 10 == 9) for i, name in enumerate(names)]
+
+
 def speech_commands(root, requested_words=None, length=CLIP_LENGTH):
     """Speech Commands under root/SpeechCommands/: v0.02, or v0.01 where only that is there (downloaded, v0.02, if
     neither is). Returns (training Clips, testing Clips or None, words)."""
     from torchaudio.datasets import SPEECHCOMMANDS
 
-    base = os.path.join(root, "SpeechCommands")
-    found = [v for v in ("speech_commands_v0.02", "speech_commands_v0.01") if os.path.isdir(os.path.join(base, v))]
-    version = found[0] if found else "speech_commands_v0.02"
-    folder = os.path.join(base, version)
-    if not found:
+    folder = speech_commands_folder(root)
+    version = os.path.basename(folder)
+    if not os.path.isdir(folder):
         log(f"downloading Speech Commands v0.02 (2.3 GB) to {root} ...")
         try:
             os.makedirs(root, exist_ok=True)
@@ -292,7 +303,7 @@ def speech_commands(root, requested_words=None, length=CLIP_LENGTH):
         for n in range(len(dataset)):
             relative_path, _, label, _, _ = dataset.get_metadata(n)
             if label in words:
-                items.append((os.path.join(base, relative_path), words.index(label)))
+                items.append((os.path.join(os.path.dirname(folder), relative_path), words.index(label)))
         clips, skipped, missing = load_clips(items, length)
         log(f"data: Speech Commands {subset}: {len(clips)} clips of {len(words)} words")
         if skipped:
@@ -316,11 +327,10 @@ def audio_folder(folder, requested_words=None, length=CLIP_LENGTH):
     if not available:
         fail(f"--audio-folder {folder} has no sub-folders; put the WAV files of each word in {folder}/<word>/")
     words = pick_words(requested_words, available, available, folder)
-    files = {w: sorted(n for n in os.listdir(os.path.join(folder, w)) if n.lower().endswith(".wav")) for w in words}
+    files = {w: word_files(os.path.join(folder, w)) for w in words}
 
     def items(words, test):  # (path, label) of each word's files; every 10th file of a word is a test file
-        return [(os.path.join(folder, w, name), label) for label, w in enumerate(words)
-                for i, name in enumerate(files[w]) if (i % 10 == 9) == test]
+        return [(path, label) for label, w in enumerate(words) for path, held_out in files[w] if held_out == test]
 
     train_set, skipped, _ = load_clips(items(words, test=False), length)
     if len(train_set) == 0:
@@ -344,21 +354,17 @@ def held_out_clip_per_word(source, words, rate=SAMPLE_RATE, length=CLIP_LENGTH):
     never fails (sample.py shows real clips beside its samples where it can)."""
     root = source.get("root") or ""
     if source.get("name") == "audio-folder" and os.path.isdir(root):
-        def held_out(word):  # every 10th WAV of a word, in name order, as audio_folder holds out
-            folder = os.path.join(root, word)
-            names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".wav")) if os.path.isdir(folder) else []
-            return [os.path.join(folder, n) for n in names[9::10]]
+        def held_out(word):  # as audio_folder holds out
+            return [path for path, held_out in word_files(os.path.join(root, word)) if held_out]
     elif source.get("name") == "speech-commands":
-        base = os.path.join(root, "SpeechCommands")
-        found = [os.path.join(base, v) for v in ("speech_commands_v0.02", "speech_commands_v0.01")
-                 if os.path.isfile(os.path.join(base, v, "testing_list.txt"))]
-        if not found:
+        folder = speech_commands_folder(root)
+        if not os.path.isfile(os.path.join(folder, "testing_list.txt")):
             return []
-        with open(os.path.join(found[0], "testing_list.txt")) as f:
+        with open(os.path.join(folder, "testing_list.txt")) as f:
             listed = [line.strip() for line in f if line.strip()]
 
         def held_out(word):  # the official testing list, in its order
-            return [os.path.join(found[0], p) for p in listed if p.split("/")[0] == word]
+            return [os.path.join(folder, p) for p in listed if p.split("/")[0] == word]
     else:
         return []
     clips = []

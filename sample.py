@@ -214,7 +214,8 @@ def main(argv=None):
         real = held_out_clip_per_word(source, row_names, layout["sample_rate"], layout["length"]) if conditional else []
         if conditional and not real:
             print(f"no real clips beside the samples: the data ({source.get('root', 'not recorded')}) is not here")
-        save_audio(samples, masked, prefix, layout, n, row_names, out, args.griffin_lim_iters, real)
+        save_audio(samples, masked, prefix, layout, n, row_names, real or [None] * len(row_names), out,
+                   args.griffin_lim_iters)
 
 
 def save_images(images, masked, layout, n, rows, out):
@@ -230,10 +231,10 @@ def save_images(images, masked, layout, n, rows, out):
     print(f"wrote {path}")
 
 
-def save_audio(waves, masked, prefix, layout, n, row_names, out, griffin_lim_iters, real=()):
+def save_audio(waves, masked, prefix, layout, n, row_names, real, out, griffin_lim_iters):
     """One WAV per sample, named after its class, and their spectrograms, after the prompt's (prompt.wav holds
     what is kept of it: its first --keep seconds, or the whole clip with the --mask region silent), each class's
-    followed by a real held-out clip of it where `real` has one (a waveform or None per row name)."""
+    followed by its real held-out clip where `real` (a waveform or None per row name) has one."""
     rate = layout["sample_rate"]
     names = [f"{name}_{k}" for name in row_names for k in range(n)]
     panels, titles = [], []
@@ -245,7 +246,7 @@ def save_audio(waves, masked, prefix, layout, n, row_names, out, griffin_lim_ite
         panels.append(kept), titles.append("prompt (what is kept)")
     for name, waveform in zip(names, waves):
         write_wav(os.path.join(out, f"{name}.wav"), waveform, rate)
-    for row, (row_name, clip) in enumerate(zip(row_names, list(real) + [None] * len(row_names))):
+    for row, (row_name, clip) in enumerate(zip(row_names, real)):
         panels += list(waves[row * n : (row + 1) * n])
         titles += names[row * n : (row + 1) * n]
         if clip is not None:

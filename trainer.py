@@ -392,11 +392,10 @@ def check_run(args, source, layout):
         why = f"its tokens are laid out otherwise ({flags} differ: it has {ckpt['layout']}, this run {layout})"
     elif any(config[k] != size[k] for k in size if k not in DATA_FIELDS):
         differ = [k for k in size if k not in DATA_FIELDS and config[k] != size[k]]
-        flags = "".join(f" {m}" for m in was.get("model", [])), "".join(f" {k}={v}" for k, v in args.model)
-        why = (f"its model is --size {was.get('size', '?')}{flags[0]} "
-               f"({', '.join(f'{k}={config[k]}' for k in differ)}), and this run asks for --size {args.size}{flags[1]} "
-               f"({', '.join(f'{k}={size[k]}' for k in differ)}: --model {' '.join(f'{k}={config[k]}' for k in differ)} "
-               f"goes on with the run)")
+        values = lambda fields, sep=", ": sep.join(f"{k}={fields[k]}" for k in differ)  # noqa: E731
+        its, asked = "".join(f" {m}" for m in was.get("model", [])), "".join(f" {k}={v}" for k, v in args.model)
+        why = (f"its model is --size {was.get('size', '?')}{its} ({values(config)}), and this run asks for "
+               f"--size {args.size}{asked} ({values(size)}: --model {values(config, ' ')} goes on with the run)")
     elif config.get("order", "raster") != args.order:
         why = f"it was trained in {config.get('order', 'raster')} order, and this run asks for --order {args.order}"
     elif (config["num_classes"] == 0) != bool(args.unconditional):
