@@ -139,13 +139,15 @@ def format_time(seconds):
 # The head's reverse chain, one for every model: 30 steps of SDE-DPM-Solver++(2M), chosen with evaluate.py (RESULTS.md,
 # "The head's reverse chain"): on MNIST as accurate as 100 DDPM steps, on CIFAR-10 and speech nearer the data.
 SAMPLING = dict(sampler="dpm++sde", steps=30, temperature=1.0)
+# Log-mel words take 50 steps: nearer the data than 30 (RESULTS.md, "Speech"), for twice the sampling time.
+STEPS = {"mel": 50}
 # Classifier-free guidance by token type, chosen with evaluate.py: images 3.5 ramped from 1 as in MAR (RESULTS.md,
 # "Guidance and temperature", on MNIST); log-mel words flat (3 flat is recognised 12 points more often than 3.5
 # ramped), 2.5 for the tiny model's 15 minutes at its learning rate (3 and 2.25 lie further from the data), each
 # frame's level (the mean over its bands) pushed half as far (cfg_level 0.5: 1 + (2.5 - 1) / 2), as full guidance
 # of the level makes the frames louder than real speech (RESULTS.md, "Speech"); waveform tokens 3 flat, as mel
-# tokens were before. A checkpoint keeps the guidance of its tokens (its "sampling" entry), so sample.py and
-# evaluate.py use it without flags.
+# tokens were before. A checkpoint keeps the guidance and steps of its tokens (its "sampling" entry), so
+# sample.py and evaluate.py use them without flags.
 GUIDANCE = {"image": dict(cfg_scale=3.5, cfg_ramp=True, cfg_level=1.0),
             "mel": dict(cfg_scale=2.5, cfg_ramp=False, cfg_level=0.5),
             "wave": dict(cfg_scale=3.0, cfg_ramp=False, cfg_level=1.0)}
@@ -154,6 +156,11 @@ GUIDANCE = {"image": dict(cfg_scale=3.5, cfg_ramp=True, cfg_level=1.0),
 def guidance(layout):
     """The default guidance of a token layout ("image" layouts name no tokens)."""
     return dict(GUIDANCE[layout.get("tokens", layout["kind"])])
+
+
+def default_steps(layout):
+    """The default reverse steps per token of a token layout."""
+    return STEPS.get(layout.get("tokens", layout["kind"]), SAMPLING["steps"])
 
 
 def guidance_text(options):
@@ -169,8 +176,9 @@ def add_sampling_flags(p):
                    f"dpm++sde (its SDE form, fresh noise at every step) (default: {SAMPLING['sampler']})")
     p.add_argument("--eta", type=number(float, 0, high=1), default=0.0,
                    help="with --sampler ddim: the share of DDPM's noise, 0 to 1 (default: 0)")
-    p.add_argument("--steps", type=number(int, 1), default=SAMPLING["steps"],
-                   help=f"reverse diffusion steps (denoiser calls) per token (default: {SAMPLING['steps']})")
+    steps = "".join(f", {n} for {kind} tokens" for kind, n in STEPS.items())
+    p.add_argument("--steps", type=number(int, 1), default=None, help="reverse diffusion steps (denoiser calls) per "
+                   f"token (default: the checkpoint's, {SAMPLING['steps']}{steps})")
     p.add_argument("--temperature", type=number(float, 0), default=SAMPLING["temperature"],
                    help=f"scale of the noise added at each reverse step (default: {SAMPLING['temperature']:g})")
     scales = ", ".join(f"{w['cfg_scale']:g}{' ramped' * w['cfg_ramp']} for {kind}" for kind, w in GUIDANCE.items())
@@ -207,8 +215,8 @@ def vocoder_iterations(args, layout):
 
 def sampling_options(args, config, defaults):
     """The keyword arguments of model.sample from the sampling flags, checked against the model; guidance not given
-    by a flag comes from `defaults` (the checkpoint's "sampling" entry)."""
-    if not 1 <= args.steps <= config.diffusion_steps:
+    and steps not given by a flag come from `defaults` (the checkpoint's "sampling" entry)."""
+    if args.steps is not None and not 1 <= args.steps <= config.diffusion_steps:
         fail(f"--steps {args.steps}: must be between 1 and the model's {config.diffusion_steps} diffusion steps")
     if config.num_classes == 0 and args.cfg not in (None, 1.0):
         fail(f"--cfg {args.cfg:g}: guidance needs a class-conditional checkpoint and this one has no classes; "
@@ -222,7 +230,8 @@ def sampling_options(args, config, defaults):
         flag = f"--tokens-per-step {args.tokens_per_step}" if args.tokens_per_step > 1 else "--order random"
         fail(f"{flag}: this model was trained in raster order and generates one token at a time, in raster order; "
              f"train with --order random for this")
-    return dict(sampler=args.sampler, eta=args.eta, steps=args.steps, temperature=args.temperature,
+    steps = defaults["steps"] if args.steps is None else args.steps
+    return dict(sampler=args.sampler, eta=args.eta, steps=steps, temperature=args.temperature,
                 **guidance_options(args, defaults, config.num_classes > 0), tokens_per_step=args.tokens_per_step,
                 order=args.order)
 
@@ -253,7 +262,8 @@ def save_checkpoint(path, model, layout, class_names=None, ema=None, **extra):
     """Write atomically (media.atomic_output): an interrupted or failed save never leaves a broken file.
     `extra` holds plain values or tensors (optimizer state, step, ...)."""
     state = dict(format=CHECKPOINT_FORMAT, config=asdict(model.config), model=model.state_dict(), layout=layout,
-                 class_names=list(class_names or []), sampling=guidance(layout), **extra)
+                 class_names=list(class_names or []),
+                 sampling=guidance(layout) | dict(steps=default_steps(layout)), **extra)
     if ema is not None:
         state["ema"] = ema.state_dict()
     with atomic_output(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk raises the OSError itself
@@ -312,7 +322,8 @@ def load_checkpoint(path, device="cpu", use_ema=True):
         first_line = str(e).splitlines()[0]
         raise CheckpointError(f"{path} does not match this adr.py (config or weights differ: {first_line})") from None
     ckpt["config"] = asdict(model.config)  # fields added since it was written: their defaults, as the model has them
-    ckpt["sampling"] = dict(cfg_level=1.0) | ckpt["sampling"]  # and guidance from before cfg_level: as it was then
+    # sampling options it predates: guidance from before cfg_level as it was then, steps as its tokens' now
+    ckpt["sampling"] = dict(cfg_level=1.0, steps=default_steps(ckpt["layout"])) | ckpt["sampling"]
     return model.eval(), ckpt
 
 

@@ -461,13 +461,31 @@ def test_the_checkpoint_says_which_guidance_to_use(ckpts, tmp_path, capsys):
     run_sample(str(tmp_path / "flat.pt"), tmp_path / "out", "--n", "1", "--cfg-level", "0.5")
     assert ", 3 steps, cfg 2, level 0.5)" in capsys.readouterr().out
     ckpt = torch.load(ckpts["mel"], weights_only=True)
-    assert ckpt["sampling"] == GUIDANCE["mel"] and ckpt["sampling"]["cfg_level"] == 0.5  # mel tokens: half on the level
+    assert ckpt["sampling"] == GUIDANCE["mel"] | dict(steps=cli.STEPS["mel"])  # mel tokens: half guidance on the level
+    assert ckpt["sampling"]["cfg_level"] == 0.5
     run_sample(ckpts["mel"], tmp_path / "mel", "--n", "1", "--class", "no", "--griffin-lim-iters", "2")
     assert ", level 0.5)" in capsys.readouterr().out
     del ckpt["sampling"]["cfg_level"]  # a checkpoint from before: its level guided as the rest
     torch.save(ckpt, tmp_path / "before.pt")
     run_sample(str(tmp_path / "before.pt"), tmp_path / "old", "--n", "1", "--class", "no", "--griffin-lim-iters", "2")
     assert f"cfg {GUIDANCE['mel']['cfg_scale']:g})" in capsys.readouterr().out
+
+
+def test_the_checkpoint_says_how_many_steps_its_tokens_take(ckpts, tmp_path):
+    """Mel tokens sample with more reverse steps than the others unless --steps says otherwise; a checkpoint saved
+    before it kept its steps gets its tokens' number."""
+    parser = cli.argparse.ArgumentParser()
+    cli.add_sampling_flags(parser)
+    assert cli.STEPS["mel"] > SAMPLING["steps"]
+    for name, steps in (("mel", cli.STEPS["mel"]), ("audio", SAMPLING["steps"]), ("image", SAMPLING["steps"])):
+        ckpt = torch.load(ckpts[name], weights_only=True)
+        assert ckpt["sampling"]["steps"] == steps
+        del ckpt["sampling"]["steps"]
+        torch.save(ckpt, tmp_path / "before.pt")
+        for path in (ckpts[name], tmp_path / "before.pt"):
+            model, loaded = load_checkpoint(path)
+            options = lambda *flags: cli.sampling_options(parser.parse_args(flags), model.config, loaded["sampling"])
+            assert options()["steps"] == steps and options("--steps", "7")["steps"] == 7
 
 
 def test_audio_samples_sit_beside_a_real_held_out_clip_of_their_word(ckpts, tmp_path, monkeypatch, capsys):
