@@ -176,9 +176,9 @@ def add_sampling_flags(p):
                    f"dpm++sde (its SDE form, fresh noise at every step) (default: {SAMPLING['sampler']})")
     p.add_argument("--eta", type=number(float, 0, high=1), default=0.0,
                    help="with --sampler ddim: the share of DDPM's noise, 0 to 1 (default: 0)")
-    steps = "".join(f", {n} for {kind} tokens" for kind, n in STEPS.items())
+    steps = "".join(f"{n} for {kind} tokens, " for kind, n in STEPS.items())
     p.add_argument("--steps", type=number(int, 1), default=None, help="reverse diffusion steps (denoiser calls) per "
-                   f"token (default: the checkpoint's, {SAMPLING['steps']}{steps})")
+                   f"token (default: the checkpoint's: {steps}{SAMPLING['steps']} for the others)")
     p.add_argument("--temperature", type=number(float, 0), default=SAMPLING["temperature"],
                    help=f"scale of the noise added at each reverse step (default: {SAMPLING['temperature']:g})")
     scales = ", ".join(f"{w['cfg_scale']:g}{' ramped' * w['cfg_ramp']} for {kind}" for kind, w in GUIDANCE.items())
@@ -215,7 +215,8 @@ def vocoder_iterations(args, layout):
 
 def sampling_options(args, config, defaults):
     """The keyword arguments of model.sample from the sampling flags, checked against the model; guidance not given
-    and steps not given by a flag come from `defaults` (the checkpoint's "sampling" entry)."""
+    and steps not given by a flag come from `defaults` (the checkpoint's "sampling" entry; steps at most the model's
+    diffusion steps)."""
     if args.steps is not None and not 1 <= args.steps <= config.diffusion_steps:
         fail(f"--steps {args.steps}: must be between 1 and the model's {config.diffusion_steps} diffusion steps")
     if config.num_classes == 0 and args.cfg not in (None, 1.0):
@@ -230,7 +231,7 @@ def sampling_options(args, config, defaults):
         flag = f"--tokens-per-step {args.tokens_per_step}" if args.tokens_per_step > 1 else "--order random"
         fail(f"{flag}: this model was trained in raster order and generates one token at a time, in raster order; "
              f"train with --order random for this")
-    steps = defaults["steps"] if args.steps is None else args.steps
+    steps = min(defaults["steps"], config.diffusion_steps) if args.steps is None else args.steps
     return dict(sampler=args.sampler, eta=args.eta, steps=steps, temperature=args.temperature,
                 **guidance_options(args, defaults, config.num_classes > 0), tokens_per_step=args.tokens_per_step,
                 order=args.order)
@@ -322,7 +323,7 @@ def load_checkpoint(path, device="cpu", use_ema=True):
         first_line = str(e).splitlines()[0]
         raise CheckpointError(f"{path} does not match this adr.py (config or weights differ: {first_line})") from None
     ckpt["config"] = asdict(model.config)  # fields added since it was written: their defaults, as the model has them
-    # sampling options it predates: guidance from before cfg_level as it was then, steps as its tokens' now
+    # sampling options it predates: guidance from before cfg_level as it was then, steps today's default for its tokens
     ckpt["sampling"] = dict(cfg_level=1.0, steps=default_steps(ckpt["layout"])) | ckpt["sampling"]
     return model.eval(), ckpt
 

@@ -1,5 +1,6 @@
 """sample.py: grids, WAVs, prompts, modes, bad input."""
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -484,8 +485,11 @@ def test_the_checkpoint_says_how_many_steps_its_tokens_take(ckpts, tmp_path):
         torch.save(ckpt, tmp_path / "before.pt")
         for path in (ckpts[name], tmp_path / "before.pt"):
             model, loaded = load_checkpoint(path)
-            options = lambda *flags: cli.sampling_options(parser.parse_args(flags), model.config, loaded["sampling"])
+            options = lambda *flags, config=model.config: cli.sampling_options(  # noqa: E731
+                parser.parse_args(flags), config, loaded["sampling"])
             assert options()["steps"] == steps and options("--steps", "7")["steps"] == 7
+            few = dataclasses.replace(model.config, diffusion_steps=20)  # a model of fewer diffusion steps: all of them
+            assert options(config=few)["steps"] == min(steps, 20)
 
 
 def test_audio_samples_sit_beside_a_real_held_out_clip_of_their_word(ckpts, tmp_path, monkeypatch, capsys):

@@ -279,6 +279,11 @@ def test_training_and_sampling_name_guidance_alike():
         options = trainer.sample_file_options(parser.parse_args(flags), layout, True)
         assert (options["cfg_scale"], options["cfg_ramp"], options["cfg_level"]) == (2.0, False, 0.25)
         assert trainer.sample_file_options(parser.parse_args([]), layout, conditional=False)["cfg_scale"] == 1.0
+        steps = cli.STEPS.get(kind, cli.SAMPLING["steps"])  # the steps sample.py takes for these tokens
+        assert options["steps"] == steps and trainer.sample_file_options(
+            parser.parse_args(["--sample-steps", "3"]), layout, True)["steps"] == 3
+        assert trainer.sample_file_options(parser.parse_args(["--model", "diffusion_steps=20"]), layout, True)[
+            "steps"] == min(steps, 20)
     assert cli.GUIDANCE["mel"]["cfg_level"] < 1 and cli.GUIDANCE["wave"]["cfg_level"] == 1  # waveform tokens as before
 
 
@@ -611,6 +616,12 @@ def test_model_fields_can_be_changed_from_the_command_line(image_dir, tmp_path, 
         train_image.main,
         [*common, "--out", str(tmp_path / "b"), "--model", "d_model=30"],
         "must split into n_head 2 heads of an even width",
+    )
+    one_line_exit(
+        capsys,
+        train_image.main,
+        [*common[:-1], "9", "--out", str(tmp_path / "c"), "--model", "diffusion_steps=8"],
+        "--sample-steps 9: must be at most the model's 8 diffusion steps",
     )
     one_line_exit(
         capsys,

@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from adr import ADR, SAMPLERS, SIZES, ADRConfig
-from cli import (DEVICE_HELP, SAMPLING, CheckpointError, OneLineErrors, check_writable, default_device, fail,
-                 fixed_seed, format_time, guidance, guidance_options, held_out_batches, held_out_bpd, load_checkpoint,
-                 log, number, pick_device, save_checkpoint, warn)
+from cli import (DEVICE_HELP, SAMPLING, CheckpointError, OneLineErrors, check_writable, default_device,
+                 default_steps, fail, fixed_seed, format_time, guidance, guidance_options, held_out_batches,
+                 held_out_bpd, load_checkpoint, log, number, pick_device, save_checkpoint, warn)
 from media import OutputError, atomic_output, layout_shape, to_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -109,10 +109,11 @@ class Parser(OneLineErrors):
 
 
 def sample_file_options(args, layout, conditional):
-    """The keyword arguments of model.sample for the sample files: the chain flags, guidance from --cfg, --cfg-ramp
-    and --cfg-level or, where they are not given, the defaults of the layout's tokens (cli.guidance); no guidance
-    without classes."""
-    return dict(steps=args.sample_steps, sampler=args.sampler, **guidance_options(args, guidance(layout), conditional))
+    """The keyword arguments of model.sample for the sample files: the chain flags, steps from --sample-steps and
+    guidance from --cfg, --cfg-ramp and --cfg-level or, where they are not given, the defaults of the layout's tokens
+    (cli.default_steps, at most the model's diffusion steps; cli.guidance); no guidance without classes."""
+    steps = args.sample_steps or min(default_steps(layout), ADRConfig(**model_fields(args, layout)).diffusion_steps)
+    return dict(steps=steps, sampler=args.sampler, **guidance_options(args, guidance(layout), conditional))
 
 
 def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
@@ -164,8 +165,8 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     per_size("bpd_examples", int, 1, "test examples for bits/dim")
     p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLING["sampler"],
                    help="the reverse chain of the sample files")
-    p.add_argument("--sample-steps", type=number(int, 1, high=ADRConfig.diffusion_steps), default=SAMPLING["steps"],
-                   help="reverse diffusion steps per token for the sample files")
+    p.add_argument("--sample-steps", type=number(int, 1), default=None, help="reverse diffusion steps per token for "
+                   "the sample files (default: as sample.py draws the tokens, at most the model's diffusion steps)")
     p.add_argument("--cfg", type=number(float, 0), default=argparse.SUPPRESS, help="classifier-free guidance scale "
                    "for the sample files, as sample.py's --cfg (1: none; default: the tokens', as sample.py draws "
                    "the checkpoint)")
@@ -365,6 +366,9 @@ def check_run(args, source, layout):
     fields = ADRConfig(**model_fields(args, layout))
     if fields.d_model % fields.n_head or (fields.d_model // fields.n_head) % 2:
         fail(f"--model: d_model {fields.d_model} must split into n_head {fields.n_head} heads of an even width")
+    if args.sample_steps and args.sample_steps > fields.diffusion_steps:
+        fail(f"--sample-steps {args.sample_steps}: must be at most the model's {fields.diffusion_steps} "
+             "diffusion steps")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file: pass a folder")
     if os.path.exists(path) and not os.path.isfile(path):
