@@ -272,17 +272,19 @@ def test_training_and_sampling_name_guidance_alike():
     assert parser.parse_args(["--cfg", "2"]).cfg == 2.0 and parser.parse_args([]).cfg is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--cfg-scale", "2"])
+    conditional, unconditional = adr.ADRConfig(num_classes=10), adr.ADRConfig(num_classes=0)
+    few_steps = adr.ADRConfig(num_classes=10, diffusion_steps=20)  # a model of fewer diffusion steps
     for kind, layout in (("image", media.image_layout()), ("mel", media.mel_layout()), ("wave", media.audio_layout())):
-        options = trainer.sample_file_options(parser.parse_args([]), layout, conditional=True)
+        options = trainer.sample_file_options(parser.parse_args([]), layout, conditional)
         assert {k: options[k] for k in ("cfg_scale", "cfg_ramp", "cfg_level")} == cli.GUIDANCE[kind]
         flags = ["--cfg", "2", "--no-cfg-ramp", "--cfg-level", "0.25"]
-        options = trainer.sample_file_options(parser.parse_args(flags), layout, True)
+        options = trainer.sample_file_options(parser.parse_args(flags), layout, conditional)
         assert (options["cfg_scale"], options["cfg_ramp"], options["cfg_level"]) == (2.0, False, 0.25)
-        assert trainer.sample_file_options(parser.parse_args([]), layout, conditional=False)["cfg_scale"] == 1.0
+        assert trainer.sample_file_options(parser.parse_args([]), layout, unconditional)["cfg_scale"] == 1.0
         steps = cli.STEPS.get(kind, cli.SAMPLING["steps"])  # the steps sample.py takes for these tokens
         assert options["steps"] == steps and trainer.sample_file_options(
-            parser.parse_args(["--sample-steps", "3"]), layout, True)["steps"] == 3
-        assert trainer.sample_file_options(parser.parse_args(["--model", "diffusion_steps=20"]), layout, True)[
+            parser.parse_args(["--sample-steps", "3"]), layout, conditional)["steps"] == 3
+        assert trainer.sample_file_options(parser.parse_args([]), layout, few_steps)[
             "steps"] == min(steps, 20)
     assert cli.GUIDANCE["mel"]["cfg_level"] < 1 and cli.GUIDANCE["wave"]["cfg_level"] == 1  # waveform tokens as before
 

@@ -54,7 +54,7 @@ def sample_writer(args, layout, words, real_set):
     def save_samples(model, out_dir, step):
         device = next(model.parameters()).device
         labels = torch.arange(len(words), device=device) if conditional else None
-        tokens = model.sample(len(names), labels, **sample_file_options(args, layout, conditional))
+        tokens = model.sample(len(names), labels, **sample_file_options(args, layout, model.config))
         waves = from_tokens(tokens.float(), layout).cpu()
         folder = os.path.join(out_dir, "samples", f"step_{step:06d}")
         os.makedirs(folder, exist_ok=True)

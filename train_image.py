@@ -28,7 +28,7 @@ def sample_grid_writer(args, layout, class_names, per_row=10):
         device = model.pos_emb.device
         labels = torch.arange(len(class_names), device=device).repeat_interleave(per_row) if class_names else None
         n = len(labels) if class_names else per_row * per_row
-        tokens = model.sample(n, labels, **sample_file_options(args, layout, bool(class_names)))
+        tokens = model.sample(n, labels, **sample_file_options(args, layout, model.config))
         path = os.path.join(out_dir, f"samples_{step:06d}.png")
         save_image_grid(from_tokens(tokens.float(), layout), path, nrow=per_row)
         log(f"samples: {path}" + (f" (rows: {', '.join(class_names)})" if class_names else ""))

@@ -108,12 +108,13 @@ class Parser(OneLineErrors):
         return args
 
 
-def sample_file_options(args, layout, conditional):
-    """The keyword arguments of model.sample for the sample files: the chain flags, steps from --sample-steps and
-    guidance from --cfg, --cfg-ramp and --cfg-level or, where they are not given, the defaults of the layout's tokens
-    (cli.default_steps, at most the model's diffusion steps; cli.guidance); no guidance without classes."""
-    steps = args.sample_steps or min(default_steps(layout), ADRConfig(**model_fields(args, layout)).diffusion_steps)
-    return dict(steps=steps, sampler=args.sampler, **guidance_options(args, guidance(layout), conditional))
+def sample_file_options(args, layout, config):
+    """The keyword arguments of model.sample for the sample files of a model of this config: the chain flags, steps
+    from --sample-steps and guidance from --cfg, --cfg-ramp and --cfg-level or, where they are not given, the
+    defaults of the layout's tokens (cli.default_steps, at most the model's diffusion steps; cli.guidance); no
+    guidance without classes."""
+    steps = args.sample_steps or min(default_steps(layout), config.diffusion_steps)
+    return dict(steps=steps, sampler=args.sampler, **guidance_options(args, guidance(layout), config.num_classes > 0))
 
 
 def common_parser(description: str, default_out: str) -> argparse.ArgumentParser:
