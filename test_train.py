@@ -265,6 +265,27 @@ def test_mel_tokens_train_the_tiny_model_at_their_own_learning_rate():
     assert "0.003 for tiny with mel tokens)" in " ".join(parser.format_help().split())
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_mel_tokens_train_in_bf16_by_default_where_the_cpu_has_it(native, monkeypatch):
+    monkeypatch.setattr(trainer, "native_bf16_cpu", lambda: native)
+    parser = trainer.common_parser("test", "out")
+    parser.add_argument("--tokens", choices=["mel", "wave"], default="mel")  # as train_audio.py's
+
+    def precision(*argv, device="cpu"):
+        args = parser.parse_args([*argv, "--device", device])
+        return args.precision if args.precision else trainer.default_precision(args, torch.device(device))
+
+    assert precision("--size", "tiny") == ("bf16" if native else "fp32")
+    assert precision("--size", "tiny", "--tokens", "wave") == precision("--size", "base") == "fp32"
+    assert precision("--size", "tiny", "--precision", "fp32") == "fp32"  # a flag given wins
+    assert precision("--size", "tiny", "--tokens", "wave", device="cuda") == "bf16"
+    images = trainer.common_parser("test", "out").parse_args(["--size", "tiny"])  # no --tokens
+    assert trainer.default_precision(images, torch.device("cpu")) == "fp32"
+    args = parser.parse_args(["--size", "tiny", "--device", "cpu"])
+    trainer.setup(args)  # resolves the default, and marks it as one: a resumed run goes on with the run's own
+    assert args.precision == ("bf16" if native else "fp32") and "precision" in args.defaulted
+
+
 def test_training_and_sampling_name_guidance_alike():
     """--cfg is the guidance of the sample files, the same flag as sample.py's and evaluate.py's; without it the
     sample files are drawn with their modality's guidance, as sample.py draws the checkpoint."""

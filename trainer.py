@@ -148,9 +148,10 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps; on a CPU "
                    "it needs a C++ compiler)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="bf16: the forward pass in bfloat16 "
-                   "autocast (weights, optimizer and EMA stay float32); fp32: float32 (TF32 matmuls on CUDA). A CPU "
-                   "with AVX512-BF16 made 1.5-1.6x the steps a minute in bf16; CPUs without native bf16 were not "
-                   "timed (default: bf16 on CUDA, fp32 on a CPU)")
+                   "autocast (weights, optimizer and EMA stay float32); fp32: float32 (TF32 matmuls on CUDA). CPUs "
+                   "with AVX512-BF16 made 1.5-1.8x the steps a minute in bf16; CPUs without native bf16 were not "
+                   "timed (default: bf16 on CUDA; on a CPU with native bf16, bf16 for mel tokens at the tiny size; "
+                   "else fp32)")
     p.add_argument("--out", default=default_out, help="folder for the checkpoint, samples, log.csv and loss.png")
     p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out")
     p.add_argument("--data", default="./data", help="folder the dataset is downloaded to")
@@ -197,12 +198,30 @@ class Task:
     source: dict  # where the data came from (data.load_dataset reads it again), stored in the checkpoint
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes in bfloat16 itself (x86's AVX512-BF16 or AMX) rather than emulating it."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def default_precision(args, device) -> str:
+    """bf16 on CUDA. On a CPU fp32, but bf16 for the tiny model's mel tokens where the CPU has native bf16: there
+    bf16's extra steps (1.7-1.8x in 15 minutes) bring the words nearer the data (RESULTS.md, "Speech"). The images
+    were measured in fp32 only; x86 CPUs without native bf16 would emulate it, and ARM CPUs were not timed."""
+    if device.type == "cuda":
+        return "bf16"
+    mel_tiny = getattr(args, "tokens", None) == "mel" and args.size == "tiny"
+    return "bf16" if device.type == "cpu" and mel_tiny and native_bf16_cpu() else "fp32"
+
+
 def setup(args):
     """Start the process group under torchrun (NCCL on GPU, gloo on CPU), pick this process's device and resolve
     --precision for it. Returns (rank, world_size, device); calling it again returns the same."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(args.device, args.compile)
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")  # the checkpoint keeps what ran
+    if args.precision is None:  # the checkpoint keeps what ran, and a resumed run goes on with it
+        args.precision = default_precision(args, device)
+        args.defaulted = [*getattr(args, "defaulted", []), "precision"]
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
