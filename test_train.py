@@ -271,19 +271,19 @@ def test_mel_tokens_train_in_bf16_by_default_where_the_cpu_has_it(native, monkey
     parser = trainer.common_parser("test", "out")
     parser.add_argument("--tokens", choices=["mel", "wave"], default="mel")  # as train_audio.py's
 
-    def precision(*argv, device="cpu"):
-        args = parser.parse_args([*argv, "--device", device])
-        return args.precision if args.precision else trainer.default_precision(args, torch.device(device))
+    def precision(*argv):  # as setup() resolves it on the CPU
+        args = parser.parse_args([*argv, "--device", "cpu"])
+        trainer.setup(args)
+        return args.precision
 
     assert precision("--size", "tiny") == ("bf16" if native else "fp32")
     assert precision("--size", "tiny", "--tokens", "wave") == precision("--size", "base") == "fp32"
     assert precision("--size", "tiny", "--precision", "fp32") == "fp32"  # a flag given wins
-    assert precision("--size", "tiny", "--tokens", "wave", device="cuda") == "bf16"
+    assert precision("--size", "tiny", "--tokens", "wave", "--precision", "bf16") == "bf16"
+    on_cuda = parser.parse_args(["--size", "tiny", "--tokens", "wave"])
+    assert trainer.default_precision(on_cuda, torch.device("cuda")) == "bf16"
     images = trainer.common_parser("test", "out").parse_args(["--size", "tiny"])  # no --tokens
     assert trainer.default_precision(images, torch.device("cpu")) == "fp32"
-    args = parser.parse_args(["--size", "tiny", "--device", "cpu"])
-    trainer.setup(args)  # resolves the default, and marks it as one: a resumed run goes on with the run's own
-    assert args.precision == ("bf16" if native else "fp32") and "precision" in args.defaulted
 
 
 def test_training_and_sampling_name_guidance_alike():

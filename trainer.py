@@ -149,8 +149,8 @@ def common_parser(description: str, default_out: str) -> argparse.ArgumentParser
                    "it needs a C++ compiler)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="bf16: the forward pass in bfloat16 "
                    "autocast (weights, optimizer and EMA stay float32); fp32: float32 (TF32 matmuls on CUDA). CPUs "
-                   "with AVX512-BF16 made 1.5-1.8x the steps a minute in bf16; CPUs without native bf16 were not "
-                   "timed (default: bf16 on CUDA; on a CPU with native bf16, bf16 for mel tokens at the tiny size; "
+                   "with AVX512-BF16 made 1.5-1.8x the steps a minute in bf16; emulated without it, bf16 ran 2.6x "
+                   "slower (default: bf16 on CUDA; on a CPU with native bf16, bf16 for mel tokens at the tiny size; "
                    "else fp32)")
     p.add_argument("--out", default=default_out, help="folder for the checkpoint, samples, log.csv and loss.png")
     p.add_argument("--resume", action="store_true", help="continue from ckpt.pt in --out")
@@ -206,7 +206,7 @@ def native_bf16_cpu() -> bool:
 
 def default_precision(args, device) -> str:
     """bf16 on CUDA. On a CPU fp32, but bf16 for the tiny model's mel tokens where the CPU has native bf16: there
-    bf16's extra steps (1.7-1.8x in 15 minutes) bring the words nearer the data (RESULTS.md, "Speech"). The images
+    bf16's extra steps (about 1.7x in 15 minutes) bring the words nearer the data (RESULTS.md, "Speech"). The images
     were measured in fp32 only; x86 CPUs without native bf16 would emulate it, and ARM CPUs were not timed."""
     if device.type == "cuda":
         return "bf16"
@@ -219,9 +219,7 @@ def setup(args):
     --precision for it. Returns (rank, world_size, device); calling it again returns the same."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(args.device, args.compile)
-    if args.precision is None:  # the checkpoint keeps what ran, and a resumed run goes on with it
-        args.precision = default_precision(args, device)
-        args.defaulted = [*getattr(args, "defaulted", []), "precision"]
+    args.precision = args.precision or default_precision(args, device)  # the checkpoint keeps what ran
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
