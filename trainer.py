@@ -206,8 +206,9 @@ def native_bf16_cpu() -> bool:
 
 def default_precision(args, device) -> str:
     """bf16 on CUDA. On a CPU fp32, but bf16 for the tiny model's mel tokens where the CPU has native bf16: there
-    bf16's extra steps (about 1.7x in 15 minutes) bring the words nearer the data (RESULTS.md, "Speech"). The images
-    were measured in fp32 only; x86 CPUs without native bf16 would emulate it, and ARM CPUs were not timed."""
+    bf16's extra steps (about 1.7x in 15 minutes) bring the words nearer the data (RESULTS.md, "Speech"). Images
+    gained a bound but hardly better samples in a first look (one MNIST run), x86 CPUs without native bf16 would
+    emulate it (2.6x slower), and ARM CPUs were not timed."""
     if device.type == "cuda":
         return "bf16"
     mel_tiny = getattr(args, "tokens", None) == "mel" and args.size == "tiny"
